@@ -1,0 +1,60 @@
+"""Typed configuration of the VLA policy (an OmegaConf structured-config schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class NoiseConfig:
+    """The denoising process; every stochastic transition is Gaussian with a known mean and std."""
+
+    kind: str = "ddim"  # "ddim" (DDPM-trained, cosine schedule, DDIM sampler) or "flow" (rectified flow, SDE sampler)
+    train_steps: int = 100  # DDPM diffusion steps used in training (ignored by flow)
+    sample_steps: int = 10  # K: denoising steps at sampling time
+    eta: float = 1.0  # DDIM eta / flow-SDE noise level; > 0 makes transitions stochastic
+    std_floor: float = 0.1  # minimum std of a stochastic transition (exploration; DPPO's min sampling std)
+    stochastic_steps: int = 0  # K': only the last K' transitions are stochastic and fine-tuned (0 = all K)
+    clip_sample: float = 1.0  # clip the predicted clean action (normalized units); 0 disables
+
+
+@dataclass
+class DiTConfig:
+    """Diffusion transformer over the action chunk (self-attention + cross-attention to the observation)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class PolicyConfig:
+    action_dim: int = 4
+    state_dim: int = 8
+    privileged_dim: int = 0
+    horizon: int = 8  # H: actions per chunk
+    exec_steps: int = 4  # how many actions of a chunk are executed before re-planning
+    cameras: list[str] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=lambda: [64, 64])  # (H, W)
+    image_channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # conv encoder widths
+    image_tokens: int = 4  # tokens per camera (spatial pooling grid, a square number)
+    language_encoder: str = "auto"  # "minilm" (frozen pretrained), "hash" (learned word-hash embedding), "auto"
+    language_dim: int = 64  # width of the learned "hash" embedding
+    language_buckets: int = 4096
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    critic_privileged: bool = True  # the critic may see privileged simulator state
+    critic_images: bool = False
+
+
+# Named sizes of the action head; the CLI and configs refer to them by name.
+DIT_SIZES = {
+    "tiny": DiTConfig(d_model=64, n_layers=2, n_heads=4),
+    "small": DiTConfig(d_model=128, n_layers=4, n_heads=4),
+    "base": DiTConfig(d_model=512, n_layers=8, n_heads=8),
+    # ~1.07B parameters in the action head, the size class of the 1.15B decoders in the field.
+    "large": DiTConfig(d_model=1536, n_layers=18, n_heads=16),
+}

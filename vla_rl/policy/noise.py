@@ -1,0 +1,136 @@
+"""Noise processes: swappable objects that define training targets and the denoising chain.
+
+Both processes expose the chain as K transitions x_k -> x_{k+1} (k = 0 is pure noise, x_K the clean
+action chunk, in normalized units). ``transition`` returns the mean and std of each Gaussian step, so
+the RL algorithms get an exact log-likelihood of every stochastic transition:
+
+* :class:`DDIMProcess`: trained as DDPM (epsilon prediction, cosine schedule); sampled with DDIM at K
+  steps, eta > 0 giving a stochastic step of std sigma_t (Song et al. 2021, eq. 12).
+* :class:`FlowSDEProcess`: rectified flow (velocity prediction, x_t = t a + (1 - t) eps); sampled
+  with Euler-Maruyama on the SDE that has the flow's marginals (drift corrected by the score, as in
+  Flow-SDE / ReinFlow-style fine-tuning), each step Gaussian with std sigma_t sqrt(dt).
+
+A std floor keeps every stochastic step exploratory; only the last ``stochastic_steps`` transitions
+are stochastic, the earlier ones are the deterministic (eta = 0 / ODE) updates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import NoiseConfig
+
+
+class NoiseProcess:
+    def __init__(self, cfg: NoiseConfig):
+        if cfg.sample_steps < 1:
+            raise ValueError(f"noise.sample_steps must be >= 1, got {cfg.sample_steps}")
+        if not 0 <= cfg.stochastic_steps <= cfg.sample_steps:
+            raise ValueError(
+                f"noise.stochastic_steps must be in [0, sample_steps={cfg.sample_steps}], got {cfg.stochastic_steps}"
+            )
+        if cfg.std_floor < 0 or cfg.eta < 0:
+            raise ValueError("noise.std_floor and noise.eta must be >= 0")
+        self.cfg = cfg
+        self.num_steps = cfg.sample_steps
+        n_stoch = cfg.stochastic_steps or cfg.sample_steps
+        # Indices (in 0..K-1) of the stochastic transitions: the last K' of the chain.
+        self.stochastic_indices = list(range(cfg.sample_steps - n_stoch, cfg.sample_steps))
+
+    def model_time(self, k: torch.Tensor) -> torch.Tensor:
+        """Network time input in [0, 1] for chain step index k (long tensor)."""
+        raise NotImplementedError
+
+    def training_target(self, x0: torch.Tensor, generator=None):
+        """Return (x_t, t in [0,1] per sample, regression target) for one training step."""
+        raise NotImplementedError
+
+    def transition(self, model_out: torch.Tensor, x: torch.Tensor, k: torch.Tensor, stochastic: bool):
+        """Mean and std of x_{k+1} given x_k and the network output. k: long [B]. std broadcasts to mean."""
+        raise NotImplementedError
+
+
+class DDIMProcess(NoiseProcess):
+    def __init__(self, cfg: NoiseConfig):
+        super().__init__(cfg)
+        T = cfg.train_steps
+        if T < cfg.sample_steps:
+            raise ValueError(f"noise.train_steps ({T}) must be >= sample_steps ({cfg.sample_steps})")
+        # Cosine schedule (Nichol & Dhariwal 2021): alpha_bar(t) = cos^2(((t/T)+s)/(1+s) * pi/2) / f(0).
+        s = 0.008
+        steps = torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos(((steps / T) + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        self.alpha_bar = torch.cumprod(1 - betas, 0).float()  # [T], index t = diffusion step t+1
+        # DDIM timesteps from the noisiest to 0; the step after the last has alpha_bar = 1.
+        ts = torch.linspace(T - 1, 0, cfg.sample_steps).round().long()
+        self.timesteps = ts
+        self.alpha_t = self.alpha_bar[ts]
+        self.alpha_prev = torch.cat([self.alpha_bar[ts[1:]], torch.ones(1)])
+
+    def model_time(self, k):
+        return self.timesteps.to(k.device)[k].float() / self.cfg.train_steps
+
+    def training_target(self, x0, generator=None):
+        b = x0.shape[0]
+        t = torch.randint(0, self.cfg.train_steps, (b,), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        a = self.alpha_bar.to(x0.device)[t].view(b, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        return x_t, t.float() / self.cfg.train_steps, eps
+
+    def transition(self, eps, x, k, stochastic):
+        shape = (-1, 1, 1)
+        a_t = self.alpha_t.to(x.device)[k].view(shape)
+        a_prev = self.alpha_prev.to(x.device)[k].view(shape)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if self.cfg.clip_sample > 0:
+            x0 = x0.clamp(-self.cfg.clip_sample, self.cfg.clip_sample)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        eta = self.cfg.eta if stochastic else 0.0
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).clamp(min=0).sqrt()
+        direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+        mean = a_prev.sqrt() * x0 + direction * eps
+        std = sigma.clamp(min=self.cfg.std_floor) if stochastic else torch.zeros_like(sigma)
+        return mean, std
+
+
+class FlowSDEProcess(NoiseProcess):
+    def __init__(self, cfg: NoiseConfig):
+        super().__init__(cfg)
+        self.dt = 1.0 / cfg.sample_steps
+
+    def model_time(self, k):
+        return k.float() * self.dt
+
+    def training_target(self, x0, generator=None):
+        b = x0.shape[0]
+        t = torch.rand((b,), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        tt = t.view(b, 1, 1)
+        x_t = tt * x0 + (1 - tt) * eps
+        return x_t, t, x0 - eps
+
+    def transition(self, v, x, k, stochastic):
+        dt = self.dt
+        t = (k.float() * dt).view(-1, 1, 1).to(x.device)
+        if not stochastic:
+            return x + v * dt, torch.zeros_like(t)
+        # sigma_t^2 = eta^2 (1 - t) / (t + dt); the score of x_t is -(x - t v) / (1 - t), so the
+        # marginal-preserving drift v + sigma^2/2 * score simplifies to v - eta^2 (x - t v) / (2 (t + dt)).
+        eta2 = self.cfg.eta**2
+        drift = v - eta2 * (x - t * v) / (2 * (t + dt))
+        mean = x + drift * dt
+        sigma = (eta2 * (1 - t) / (t + dt)).sqrt()
+        std = (sigma * math.sqrt(dt)).clamp(min=self.cfg.std_floor)
+        return mean, std
+
+
+def make_noise_process(cfg: NoiseConfig) -> NoiseProcess:
+    processes = {"ddim": DDIMProcess, "flow": FlowSDEProcess}
+    if cfg.kind not in processes:
+        raise ValueError(f"unknown noise.kind {cfg.kind!r}; choose one of {sorted(processes)}")
+    return processes[cfg.kind](cfg)

@@ -1,0 +1,284 @@
+"""The VLA policy: observation -> conditioning tokens -> diffusion/flow action head -> action chunk.
+
+What the RL algorithms use (and nothing else):
+
+* ``sample(obs) -> Chain``: the action chunk plus the latent before and after every stochastic
+  denoising transition, and the log-likelihood the sampler drew each transition with;
+* ``log_prob(obs, chain) -> [B, K']``: exact Gaussian log-likelihood of each stored transition
+  under the current weights, all K' transitions in one batched forward pass;
+* ``value(obs) -> [B]``: the critic (a separate network; it may see privileged state);
+* ``bc_loss(obs, actions)``: the diffusion / flow-matching loss, for pretraining and regularization.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import CheckpointError, read_json, require_files, write_dir_atomically
+from .config import PolicyConfig
+from .dit import DiTActionHead
+from .encoders import ImageEncoder, LanguageEncoder, mlp
+from .noise import make_noise_process
+from .normalizer import Normalizer
+
+CONFIG_FILE, WEIGHTS_FILE, NORM_FILE, META_FILE = "config.yaml", "model.safetensors", "normalization.json", "meta.json"
+FORMAT_VERSION = 1
+
+
+class ObservationError(ValueError):
+    """An observation does not match what the policy was built for."""
+
+
+@dataclass
+class Chain:
+    """One sampled denoising chain per batch element.
+
+    ``latents[:, j]`` is the (normalized) action chunk before stochastic transition j and
+    ``latents[:, j + 1]`` after it; ``latents[:, -1]`` is the final sample. ``actions`` is that final
+    sample clipped to [-1, 1] and mapped to env units.
+    """
+
+    actions: torch.Tensor  # [B, H, A] env units
+    latents: torch.Tensor  # [B, K' + 1, H, A]
+    log_prob: torch.Tensor  # [B, K'] at sampling time
+
+    def __getitem__(self, idx) -> "Chain":
+        return Chain(self.actions[idx], self.latents[idx], self.log_prob[idx])
+
+
+class Critic(nn.Module):
+    """Value of an observation: MLP over state (+ privileged state) + instruction (+ images)."""
+
+    def __init__(self, cfg: PolicyConfig, language_dim: int):
+        super().__init__()
+        self.use_privileged = cfg.critic_privileged and cfg.privileged_dim > 0
+        self.images = None
+        width = cfg.state_dim + (cfg.privileged_dim if self.use_privileged else 0) + 32
+        if cfg.critic_images and cfg.cameras:
+            self.images = ImageEncoder(len(cfg.cameras), cfg.image_channels, 1, 64)
+            width += 64 * len(cfg.cameras)
+        self.language = nn.Linear(language_dim, 32)
+        self.net = mlp([width, *cfg.critic_hidden, 1])
+
+    def forward(self, state, privileged, language, rgb=None):
+        parts = [state, self.language(language)]
+        if self.use_privileged:
+            parts.append(privileged)
+        if self.images is not None:
+            parts.append(self.images(rgb).flatten(1))
+        return self.net(torch.cat(parts, -1)).squeeze(-1)
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PolicyConfig), cfg))
+        if cfg.exec_steps < 1 or cfg.exec_steps > cfg.horizon:
+            raise ValueError(f"exec_steps must be in [1, horizon={cfg.horizon}], got {cfg.exec_steps}")
+        self.language = LanguageEncoder(cfg.language_encoder, cfg.language_dim, cfg.language_buckets)
+        cfg.language_encoder = self.language.kind  # "auto" resolved, so a checkpoint reloads the same way
+        self.cfg = cfg
+        d = cfg.dit.d_model
+        self.normalizer = Normalizer(cfg.action_dim, cfg.state_dim)
+        self.images = ImageEncoder(len(cfg.cameras), cfg.image_channels, cfg.image_tokens, d) if cfg.cameras else None
+        self.language_proj = nn.Linear(self.language.out_dim, d)
+        self.state_proj = mlp([cfg.state_dim, d, d])
+        self.head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon)
+        self.critic = Critic(cfg, self.language.out_dim)
+        self.noise = make_noise_process(cfg.noise)
+        self._frozen: list[VLAPolicy] = []  # frozen copy for the deterministic early steps (DPPO)
+
+    # ------------------------------------------------------------------ observations
+    def check_obs(self, obs: dict) -> int:
+        """Validate an observation batch against the config; returns the batch size."""
+        if not isinstance(obs, dict):
+            raise ObservationError(f"observation must be a dict, got {type(obs).__name__}")
+        if "state" not in obs:
+            raise ObservationError(f"observation lacks 'state' (has keys {sorted(obs)})")
+        state = obs["state"]
+        if state.dim() != 2 or state.shape[1] != self.cfg.state_dim:
+            raise ObservationError(f"obs['state'] must be [B, {self.cfg.state_dim}], got {tuple(state.shape)}")
+        b = state.shape[0]
+        if not torch.isfinite(state).all():
+            raise ObservationError("obs['state'] contains NaN/inf")
+        if self.cfg.cameras:
+            h, w = self.cfg.image_size
+            want = (b, len(self.cfg.cameras), 3, h, w)
+            rgb = obs.get("rgb")
+            if rgb is None:
+                raise ObservationError(f"policy uses cameras {self.cfg.cameras} but obs has no 'rgb'")
+            if tuple(rgb.shape) != want:
+                raise ObservationError(f"obs['rgb'] must be {list(want)} (uint8), got {list(rgb.shape)}")
+        if self.cfg.privileged_dim and self.critic.use_privileged:
+            p = obs.get("privileged")
+            if p is None or tuple(p.shape) != (b, self.cfg.privileged_dim):
+                got = None if p is None else tuple(p.shape)
+                raise ObservationError(f"obs['privileged'] must be [B, {self.cfg.privileged_dim}], got {got}")
+        instr = obs.get("instruction")
+        if not isinstance(instr, (list, tuple)) or len(instr) != b or not all(isinstance(s, str) for s in instr):
+            raise ObservationError(f"obs['instruction'] must be a list of {b} strings")
+        return b
+
+    def encode(self, obs: dict) -> torch.Tensor:
+        """Conditioning tokens [B, N, d]: proprio, language, camera tokens."""
+        self.check_obs(obs)
+        device = self.head.pos_embed.device
+        state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
+        tokens = [self.state_proj(state)[:, None], self.language_proj(self.language(list(obs["instruction"])))[:, None]]
+        if self.images is not None:
+            tokens.append(self.images(obs["rgb"].to(device)))
+        return torch.cat(tokens, 1)
+
+    # ------------------------------------------------------------------ RL-facing API
+    @property
+    def stochastic_indices(self) -> list[int]:
+        return self.noise.stochastic_indices
+
+    def freeze_early_steps(self) -> None:
+        """Run the deterministic early denoising steps with a frozen copy of the current weights.
+
+        DPPO fine-tunes only the last K' transitions; keeping the earlier ones fixed keeps the state
+        distribution at the start of the fine-tuned window the same as when it was sampled.
+        """
+        frozen = copy.deepcopy(self).eval()
+        frozen._frozen = []
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self._frozen = [frozen]
+
+    def sample(self, obs: dict, deterministic: bool = False, generator=None, noise: torch.Tensor | None = None) -> Chain:
+        """Draw an action chunk. ``noise`` [B, K+1, H, A] fixes x_0 and every step's Gaussian draw."""
+        cond = self.encode(obs)
+        b = cond.shape[0]
+        H, A, K = self.cfg.horizon, self.cfg.action_dim, self.noise.num_steps
+        if noise is None:
+            noise = torch.randn((b, K + 1, H, A), generator=generator, device=cond.device)
+        elif tuple(noise.shape) != (b, K + 1, H, A):
+            raise ObservationError(f"noise must be [{b}, {K + 1}, {H}, {A}], got {tuple(noise.shape)}")
+        stochastic = set() if deterministic else set(self.stochastic_indices)
+        early_cond = None
+        x = noise[:, 0]
+        latents, log_probs = [], []
+        for k in range(K):
+            kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
+            is_stoch = k in stochastic
+            model = self
+            if self._frozen and k < self.stochastic_indices[0]:
+                model = self._frozen[0]
+                early_cond = model.encode(obs) if early_cond is None else early_cond
+            out = model.head(x, self.noise.model_time(kk), early_cond if model is not self else cond)
+            mean, std = self.noise.transition(out, x, kk, is_stoch)
+            if is_stoch:
+                latents.append(x)
+                x_next = mean + std * noise[:, k + 1]
+                log_probs.append(gaussian_log_prob(x_next, mean, std))
+                x = x_next
+            else:
+                x = mean
+        latents.append(x)
+        actions = self.normalizer.unnormalize_action(x.clamp(-1, 1))
+        log_prob = torch.stack(log_probs, 1) if log_probs else torch.zeros(b, 0, device=cond.device)
+        return Chain(actions=actions, latents=torch.stack(latents, 1), log_prob=log_prob)
+
+    def log_prob(self, obs: dict, chain: Chain) -> torch.Tensor:
+        """Log-likelihood [B, K'] of each stochastic transition in ``chain`` under the current weights."""
+        idx = self.stochastic_indices
+        b, n = chain.latents.shape[0], len(idx)
+        if chain.latents.shape[1] != n + 1:
+            raise ValueError(f"chain has {chain.latents.shape[1] - 1} transitions, policy has {n} stochastic steps")
+        cond = self.encode(obs)
+        x_in = chain.latents[:, :-1].flatten(0, 1)  # [B*K', H, A], b-major
+        x_out = chain.latents[:, 1:].flatten(0, 1)
+        k = torch.tensor(idx, device=cond.device).repeat(b)
+        out = self.head(x_in, self.noise.model_time(k), cond.repeat_interleave(n, 0))
+        mean, std = self.noise.transition(out, x_in, k, stochastic=True)
+        return gaussian_log_prob(x_out, mean, std).view(b, n)
+
+    def value(self, obs: dict) -> torch.Tensor:
+        self.check_obs(obs)
+        device = self.head.pos_embed.device
+        state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
+        language = self.language(list(obs["instruction"]))
+        if self.language.kind == "hash":  # the critic must not move the actor's shared embedding
+            language = language.detach()
+        privileged = obs.get("privileged")
+        privileged = privileged.to(device, torch.float32) if privileged is not None else None
+        rgb = obs["rgb"].to(device) if self.critic.images is not None else None
+        return self.critic(state, privileged, language, rgb)
+
+    def bc_loss(self, obs: dict, actions: torch.Tensor, mask: torch.Tensor | None = None, generator=None):
+        """Denoising (DDPM epsilon) or flow-matching (velocity) regression loss on action chunks."""
+        b = self.check_obs(obs)
+        H, A = self.cfg.horizon, self.cfg.action_dim
+        if tuple(actions.shape) != (b, H, A):
+            raise ValueError(f"actions must be [B={b}, horizon={H}, action_dim={A}], got {tuple(actions.shape)}")
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN/inf")
+        cond = self.encode(obs)
+        x0 = self.normalizer.normalize_action(actions.to(cond.device, torch.float32))
+        x_t, t, target = self.noise.training_target(x0, generator)
+        err = (self.head(x_t, t, cond) - target).pow(2).mean(-1)  # [B, H]
+        if mask is None:
+            return err.mean()
+        mask = mask.to(err.device, torch.float32)
+        return (err * mask).sum() / mask.sum().clamp(min=1)
+
+    def actor_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("critic.")]
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path, extra: dict | None = None) -> Path:
+        """Write ``config.yaml``, ``model.safetensors``, ``normalization.json``, ``meta.json`` atomically."""
+        from .. import __version__
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+        def write(tmp: Path):
+            OmegaConf.save(OmegaConf.structured(self.cfg), tmp / CONFIG_FILE)
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            (tmp / NORM_FILE).write_text(json.dumps(self.normalizer.to_dict(), indent=1))
+            meta = {"format_version": FORMAT_VERSION, "vla_rl_version": __version__, **(extra or {})}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+
+        return write_dir_atomically(path, write)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", **overrides) -> "VLAPolicy":
+        """Load a policy directory written by ``save_pretrained``. ``overrides`` patch the config
+        (e.g. ``noise={"stochastic_steps": 4}``) for things that do not change the weights."""
+        path = require_files(path, [CONFIG_FILE, WEIGHTS_FILE, META_FILE])
+        meta = read_json(path / META_FILE)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')!r}")
+        try:
+            cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(path / CONFIG_FILE), overrides)
+        except Exception as e:  # omegaconf raises several types; all mean a bad config file
+            raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+        policy = cls(cfg)
+        try:
+            weights = load_file(str(path / WEIGHTS_FILE))
+        except Exception as e:
+            raise CheckpointError(f"{path / WEIGHTS_FILE} is corrupt: {e}") from e
+        try:
+            missing, unexpected = policy.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shape mismatch, e.g. an action_dim that differs from the checkpoint
+            raise CheckpointError(f"{path}: weights do not match the config: {e}") from e
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return policy.to(device)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) summed over the chunk (H) and action (A) dims."""
+    std = std.expand_as(mean)
+    var = std**2
+    lp = -((x - mean) ** 2) / (2 * var) - std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device))
+    return lp.sum((-1, -2))
