@@ -1,0 +1,127 @@
+"""Behaviour-cloning pretraining of the VLA policy with the diffusion / flow-matching loss.
+
+``vla-rl pretrain --data DIR --config configs/pretrain/place.yaml`` or ``pretrain(PretrainConfig(...))``.
+Observation and action sizes come from the data; normalization is fitted on it. The weights saved are
+the EMA weights (the usual choice for diffusion policies); the checkpoint is a directory loadable
+with ``VLAPolicy.from_pretrained``, rewritten atomically at every save.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from .data import DemoDataset, collate, load_episodes
+from .policy import DIT_SIZES, PolicyConfig, VLAPolicy
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""  # a demo directory or .hdf5 file (see vla_rl.data)
+    out: str = "runs/pretrain"  # the checkpoint directory written
+    size: str = ""  # optional action-head preset: tiny | small | base | large (overrides policy.dit)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    only_success: bool = True  # train on successful demos only
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 50
+    save_every: int = 1000
+    log_dir: str = ""  # TensorBoard directory (default: <out>/tb)
+    progress: bool = True
+
+
+def build_policy_for_data(cfg: PretrainConfig, dataset: DemoDataset) -> VLAPolicy:
+    pcfg = copy.deepcopy(cfg.policy)
+    ep = dataset.episodes[0]
+    pcfg.action_dim = int(ep["action"].shape[1])
+    pcfg.state_dim = int(ep["state"].shape[1])
+    pcfg.privileged_dim = int(ep["privileged"].shape[1]) if "privileged" in ep else 0
+    if pcfg.cameras:
+        if "rgb" not in ep:
+            raise ValueError(f"policy.cameras={pcfg.cameras} but the demos in {cfg.data} have no images")
+        cams, _, h, w = ep["rgb"].shape[1:]
+        if cams != len(pcfg.cameras):
+            raise ValueError(f"demos have {cams} cameras but policy.cameras lists {len(pcfg.cameras)}")
+        pcfg.image_size = [int(h), int(w)]
+    if cfg.size:
+        if cfg.size not in DIT_SIZES:
+            raise ValueError(f"unknown size {cfg.size!r}; choose one of {sorted(DIT_SIZES)}")
+        pcfg.dit = copy.deepcopy(DIT_SIZES[cfg.size])
+    policy = VLAPolicy(pcfg)
+    policy.normalizer.fit(dataset.all_actions(), dataset.all_states())
+    return policy
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run behaviour cloning; returns the checkpoint directory."""
+    if not cfg.data:
+        raise ValueError("pretrain needs data= (a demo directory or .hdf5 file)")
+    torch.manual_seed(cfg.seed)
+    episodes = load_episodes(cfg.data, only_success=cfg.only_success)
+    dataset = DemoDataset(episodes, horizon=cfg.policy.horizon, use_rgb=bool(cfg.policy.cameras))
+    policy = build_policy_for_data(cfg, dataset).to(cfg.device)
+    ema = copy.deepcopy(policy).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=min(cfg.batch_size, len(dataset)), shuffle=True, drop_last=True,
+        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    params = policy.actor_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    out = Path(cfg.out)
+    writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb"))
+    bar = tqdm(total=cfg.steps, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
+    step, t0 = 0, time.time()
+    meta = {"stage": "pretrain", "data": str(cfg.data), "episodes": len(episodes)}
+    while step < cfg.steps:
+        for batch in loader:
+            obs = {k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                   if k in ("state", "rgb", "privileged", "instruction")}
+            loss = policy.bc_loss(obs, batch["action"].to(cfg.device), batch["action_mask"].to(cfg.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretrain loss became {loss.item()} at step {step}; last good checkpoint: {out}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            _ema_update(ema, policy, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                writer.add_scalar("pretrain/bc_loss", loss.item(), step)
+                writer.add_scalar("pretrain/grad_norm", float(grad_norm), step)
+                writer.add_scalar("pretrain/lr", sched.get_last_lr()[0], step)
+                writer.add_scalar("pretrain/samples_per_s", step * loader.batch_size / (time.time() - t0), step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                ema.save_pretrained(out, extra={**meta, "step": step})
+            if step >= cfg.steps:
+                break
+    bar.close()
+    writer.close()
+    return out
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m, 1 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
