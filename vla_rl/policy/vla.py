@@ -214,8 +214,12 @@ class VLAPolicy(nn.Module):
         rgb = obs["rgb"].to(device) if self.critic.images is not None else None
         return self.critic(state, privileged, language, rgb)
 
-    def bc_loss(self, obs: dict, actions: torch.Tensor, mask: torch.Tensor | None = None, generator=None):
-        """Denoising (DDPM epsilon) or flow-matching (velocity) regression loss on action chunks."""
+    def bc_loss(self, obs: dict, actions: torch.Tensor, mask: torch.Tensor | None = None, generator=None,
+                reduction: str = "mean"):
+        """Denoising (DDPM epsilon) or flow-matching (velocity) regression loss on action chunks.
+
+        ``reduction="none"`` gives one loss per sample ([B], masked mean over the chunk), e.g. for
+        reward-weighted regression."""
         b = self.check_obs(obs)
         H, A = self.cfg.horizon, self.cfg.action_dim
         if tuple(actions.shape) != (b, H, A):
@@ -226,9 +230,11 @@ class VLAPolicy(nn.Module):
         x0 = self.normalizer.normalize_action(actions.to(cond.device, torch.float32))
         x_t, t, target = self.noise.training_target(x0, generator)
         err = (self.head(x_t, t, cond) - target).pow(2).mean(-1)  # [B, H]
-        if mask is None:
-            return err.mean()
-        mask = mask.to(err.device, torch.float32)
+        mask = torch.ones_like(err) if mask is None else mask.to(err.device, torch.float32)
+        if reduction == "none":
+            return (err * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return (err * mask).sum() / mask.sum().clamp(min=1)
 
     def actor_parameters(self):
