@@ -21,6 +21,18 @@ def _pretrain(args) -> None:
     print(f"pretrained policy written to {out}")
 
 
+def _export(args) -> None:
+    from .export import export_main
+
+    export_main(args)
+
+
+def _serve(args) -> None:
+    from .deploy.server import serve_main
+
+    serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="checkpoint directory to write")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. steps=500 policy.horizon=8")
     p.set_defaults(func=_pretrain)
+
+    from .deploy.cli import add_export_arguments, add_serve_arguments
+
+    p = sub.add_parser("export", help="export a policy checkpoint to a torch-free ONNX bundle")
+    add_export_arguments(p)
+    p.set_defaults(func=_export)
+    p = sub.add_parser("serve", help="serve an exported bundle to a robot's control loop (websocket + msgpack)")
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
     return parser
 
 

