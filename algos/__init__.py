@@ -1,1 +1,6 @@
-"""placeholder"""
+"""RL algorithms on denoising chains."""
+
+from .dppo import DPPO, DPPOConfig, compute_gae, group_advantages
+from .rwr import RWR, RWRConfig, rwr_weights
+
+__all__ = ["DPPO", "DPPOConfig", "RWR", "RWRConfig", "compute_gae", "group_advantages", "rwr_weights"]

@@ -1,1 +1,61 @@
-"""placeholder"""
+"""Task environments: the batched env interface, backends, built-in tasks, experts, randomization."""
+
+from __future__ import annotations
+
+import os
+
+# Offscreen rendering needs the GL backend chosen before mujoco is first imported; EGL works headless.
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "egl"
+
+from .base import BatchedEnv, EnvError, EnvSpec
+from .config import EnvConfig
+from .randomization import RandomizationConfig
+from .tasks import TASKS, get_task
+
+BACKENDS = ("cpu", "warp")
+
+
+def make_env(
+    task: str,
+    num_envs: int,
+    backend: str = "cpu",
+    device="cpu",
+    cameras=(),
+    image_size=(128, 128),
+    randomization=None,
+    seed=None,
+    max_episode_steps=None,
+    arm: bool = False,
+    **task_kwargs,
+) -> BatchedEnv:
+    """Build ``num_envs`` copies of a built-in task on a backend (``"cpu"``; ``"warp"`` if installed).
+
+    ``arm=True`` adds a 6-joint arm behind each gripper; ``task_kwargs`` go to the backend
+    (e.g. ``state_includes_objects``).
+    """
+    task_obj = get_task(task, arm=arm)
+    if backend == "cpu":
+        from .mujoco_cpu import MujocoCPUEnv
+
+        return MujocoCPUEnv(task_obj, num_envs, device=device, cameras=tuple(cameras), image_size=tuple(image_size),
+                            randomization=randomization, seed=seed, max_episode_steps=max_episode_steps, **task_kwargs)
+    if backend == "warp":
+        raise EnvError("backend 'warp' is not wired to the built-in tasks yet; use backend='cpu'")
+    raise EnvError(f"unknown backend {backend!r}; valid backends: {list(BACKENDS)}")
+
+
+def make_env_from_config(cfg) -> BatchedEnv:
+    if not isinstance(cfg, EnvConfig):
+        cfg = EnvConfig.from_dict(dict(cfg))
+    return make_env(cfg.task, cfg.num_envs, backend=cfg.backend, device=cfg.device, cameras=tuple(cfg.cameras),
+                    image_size=tuple(cfg.image_size), randomization=cfg.randomization, seed=cfg.seed,
+                    max_episode_steps=cfg.max_episode_steps, **dict(cfg.task_kwargs))
+
+
+__all__ = ["BatchedEnv", "EnvError", "EnvSpec", "EnvConfig", "RandomizationConfig", "TASKS", "make_env",
+           "make_env_from_config"]
+
+from .gym_adapter import register_gym_envs as _register_gym_envs  # noqa: E402
+
+_register_gym_envs()

@@ -94,6 +94,11 @@ class BatchedEnv(abc.ABC):
         """Bool ``[N]``: envs whose simulation diverged this step (NaN state, physics warning)."""
         return torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
 
+    def _failed(self) -> torch.Tensor:
+        """Bool ``[N]``: envs whose episode ended in failure before the time limit (e.g. a wrapped
+        Gymnasium env that terminated without success). Built-in tasks never fail early."""
+        return torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+
     def _shaped_reward(self) -> torch.Tensor | None:
         """Optional dense reward for ablations only; ``None`` means outcome-only (the default)."""
         return None
@@ -146,11 +151,12 @@ class BatchedEnv(abc.ABC):
             trunc_now = running & ~succ_now & (self.episode_step >= self.spec.max_episode_steps)
             # A diverged env is cut off as a truncation: its outcome is unknown, not a failure.
             trunc_now |= bad_now & ~succ_now
-            newly = succ_now | trunc_now
+            fail_now = self._failed() & running & ~succ_now & ~trunc_now
+            newly = succ_now | trunc_now | fail_now
             if newly.any():
                 obs_now = self._observe()
                 final_obs = _merge_obs(final_obs, obs_now, newly)
-            terminated |= succ_now
+            terminated |= succ_now | fail_now
             truncated |= trunc_now
             success |= succ_now
             unstable |= bad_now

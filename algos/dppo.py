@@ -1,0 +1,267 @@
+"""DPPO: PPO on the denoising chain (Ren et al. 2024, "Diffusion Policy Policy Optimization").
+
+Each of the last K' stochastic denoising transitions of a sampled action chunk is a Gaussian policy
+step; the env-level advantage of the decision (one chunk) is shared by all K' transitions. Every trick
+of the published recipe is a named :class:`DPPOConfig` option; :meth:`DPPO.loss` reads top to bottom.
+
+BC regularization (``bc_coef > 0``): a frozen copy of the pretrained policy samples actions for the
+minibatch observations and the current policy's ``bc_loss`` is pulled toward those samples; this keeps
+the fine-tuned policy near the pretrained one's support without needing the demo data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vla_rl.policy.vla import Chain
+
+
+@dataclass
+class DPPOConfig:
+    gamma: float = 0.99  # discount per decision (one executed action chunk)
+    gae_lambda: float = 0.95
+    gamma_denoising: float = 0.99  # transition j of K' weighted gamma_denoising^(K'-1-j) in the actor loss
+    clip_ploss_coef: float = 0.1  # PPO ratio clip at the last denoising step
+    clip_ploss_coef_rate: float = 1.0  # clip at step j = clip_ploss_coef * rate^(K'-1-j) (<1 shrinks earlier)
+    clip_vloss_coef: float = 0.0  # value clipping (0 = off)
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0  # unused by the Gaussian chain (entropy fixed by the std floor); kept for parity
+    update_epochs: int = 5
+    num_minibatches: int = 4
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    target_kl: float = 0.0  # stop the epoch loop once approx KL exceeds this (0 = off)
+    norm_adv: bool = True
+    reward_scale_running: bool = True  # divide rewards by the running std of discounted returns
+    reward_scale_const: float = 1.0
+    n_critic_warmup_itr: int = 0  # update only the critic for the first n iterations
+    bc_coef: float = 0.0  # BC regularization toward a frozen copy of the pretrained policy
+    bootstrap_truncated: bool = True  # False: a time-limit cut is a failure (deadline is part of the task)
+    advantage: str = "gae"  # "gae" (critic) or "group" (critic-free, group/instruction-relative outcome)
+    freeze_early_steps: bool = True  # the deterministic early steps run with frozen pretrained weights
+
+
+class RunningMeanStd:
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor):
+        m, v, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        d, tot = m - self.mean, self.count + n
+        self.mean += d * n / tot
+        self.var = (self.var * self.count + v * n + d * d * self.count * n / tot) / tot
+        self.count = tot
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
+class RunningRewardScaler:
+    """Scale rewards by the std of the running discounted return (as in DPPO / CleanRL's NormalizeReward)."""
+
+    def __init__(self, gamma: float):
+        self.gamma, self.rms, self.ret = gamma, RunningMeanStd(), None
+
+    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:  # [T, N]
+        if self.ret is None or self.ret.shape != reward.shape[1:]:
+            self.ret = torch.zeros(reward.shape[1:])
+        rets = []
+        for t in range(reward.shape[0]):
+            self.ret = self.ret * self.gamma + reward[t].cpu()
+            rets.append(self.ret.clone())
+            self.ret[done[t].cpu()] = 0.0
+        self.rms.update(torch.stack(rets))
+        return reward / (self.rms.var ** 0.5 + 1e-8)
+
+    def state_dict(self):
+        return {**self.rms.state_dict(), "ret": None if self.ret is None else self.ret.tolist()}
+
+    def load_state_dict(self, d):
+        self.rms.load_state_dict(d)
+        self.ret = None if d.get("ret") is None else torch.tensor(d["ret"])
+
+
+def compute_gae(rewards, values, next_values, terminated, dones, gamma, lam):
+    """Vectorized-over-envs GAE; all inputs [T, N].
+
+    ``next_values[t]`` is V of the observation after decision t (for a truncated episode, V of
+    ``info["final_obs"]``); ``terminated`` cuts the bootstrap, ``dones`` (terminated | truncated)
+    cuts the GAE recursion. Returns (advantages, returns)."""
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * next_values[t] * (1 - terminated[t].float()) - values[t]
+        last = delta + gamma * lam * (1 - dones[t].float()) * last
+        adv[t] = last
+    return adv, adv + values
+
+
+def group_advantages(rewards, dones, group_ids):
+    """Critic-free outcome advantage: undiscounted reward-to-go within each episode (cut at the end of
+    the rollout), minus the mean over decisions of the same group (same seeded start or instruction),
+    divided by the group std. ``group_ids`` [T, N] long."""
+    T = rewards.shape[0]
+    rtg = torch.zeros_like(rewards)
+    run = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        run = rewards[t] + (1 - dones[t].float()) * run
+        rtg[t] = run
+    adv = torch.zeros_like(rtg)
+    flat_r, flat_g, flat_a = rtg.flatten(), group_ids.flatten(), adv.view(-1)
+    for g in flat_g.unique():
+        m = flat_g == g
+        r = flat_r[m]
+        flat_a[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-6) if m.sum() > 1 else 0.0
+    return adv, rtg
+
+
+class DPPO:
+    name = "dppo"
+
+    def __init__(self, policy, cfg: DPPOConfig | None = None):
+        self.cfg = cfg = cfg or DPPOConfig()
+        self.policy = policy
+        if cfg.freeze_early_steps:
+            policy.freeze_early_steps()
+        self.pretrained = None
+        if cfg.bc_coef > 0:
+            self.pretrained = copy.deepcopy(policy).eval()
+            self.pretrained._frozen = []
+            for p in self.pretrained.parameters():
+                p.requires_grad_(False)
+        self.actor_opt = torch.optim.Adam(policy.actor_parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
+        self.reward_scaler = RunningRewardScaler(cfg.gamma)
+        self.iteration = 0
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.cfg.advantage == "gae"
+
+    # ------------------------------------------------------------------ advantages
+    def compute_advantages(self, buf):
+        c = buf.data
+        rewards = c["reward"] * self.cfg.reward_scale_const
+        dones = c["terminated"] | c["truncated"]
+        if self.cfg.advantage == "group":
+            return group_advantages(rewards, dones, c["group"])
+        if self.cfg.reward_scale_running:
+            rewards = self.reward_scaler(rewards, dones)
+        no_bootstrap = c["terminated"] if self.cfg.bootstrap_truncated else dones
+        return compute_gae(rewards, c["value"], c["next_value"], no_bootstrap, dones,
+                           self.cfg.gamma, self.cfg.gae_lambda)
+
+    # ------------------------------------------------------------------ the loss, top to bottom
+    def clip_coefs(self, n: int, device) -> torch.Tensor:
+        j = torch.arange(n, device=device, dtype=torch.float32)
+        return self.cfg.clip_ploss_coef * self.cfg.clip_ploss_coef_rate ** (n - 1 - j)
+
+    def loss(self, obs, chain: Chain, old_logp, adv, returns, old_values):
+        """DPPO loss on a minibatch. old_logp [B, K']; adv/returns/old_values [B]."""
+        cfg = self.cfg
+        n_steps = old_logp.shape[1]
+        # 1) new log-likelihoods of the stored chain transitions (one batched pass)
+        new_logp = self.policy.log_prob(obs, chain)  # [B, K']
+        logratio = new_logp - old_logp
+        ratio = logratio.exp()
+        # 2) advantage normalization, shared by all K' transitions of a decision
+        if cfg.norm_adv and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        adv = adv[:, None]
+        # 3) clipped surrogate with a per-denoising-step clip coefficient
+        clip = self.clip_coefs(n_steps, ratio.device)[None]
+        pg1 = -adv * ratio
+        pg2 = -adv * torch.maximum(torch.minimum(ratio, 1 + clip), 1 - clip)
+        pg = torch.maximum(pg1, pg2)  # [B, K']
+        # 4) denoising discount: later (cleaner) steps weigh more
+        w = cfg.gamma_denoising ** (n_steps - 1 - torch.arange(n_steps, device=ratio.device, dtype=torch.float32))
+        pg_loss = (pg * w[None]).mean()
+        # 5) critic: (optionally clipped) value regression
+        if self.uses_critic:
+            v = self.policy.value(obs)
+            v_loss = (v - returns) ** 2
+            if cfg.clip_vloss_coef > 0:
+                v_clip = old_values + (v - old_values).clamp(-cfg.clip_vloss_coef, cfg.clip_vloss_coef)
+                v_loss = torch.maximum(v_loss, (v_clip - returns) ** 2)
+            v_loss = 0.5 * v_loss.mean()
+        else:
+            v_loss = torch.zeros((), device=ratio.device)
+        # 6) BC regularization toward the frozen pretrained policy's own samples
+        bc = torch.zeros((), device=ratio.device)
+        if cfg.bc_coef > 0:
+            with torch.no_grad():
+                target = self.pretrained.sample(obs).actions
+            bc = self.policy.bc_loss(obs, target)
+        with torch.no_grad():
+            stats = {
+                "approx_kl": ((ratio - 1) - logratio).mean().item(),
+                "clip_frac": ((ratio - 1).abs() > clip).float().mean().item(),
+                "ratio": ratio.mean().item(),
+            }
+        total = pg_loss + cfg.vf_coef * v_loss + cfg.bc_coef * bc
+        return total, pg_loss, v_loss, bc, stats
+
+    # ------------------------------------------------------------------ update
+    def update(self, buf) -> dict:
+        cfg = self.cfg
+        adv, returns = self.compute_advantages(buf)
+        flat = buf.flatten(adv, returns)
+        n = flat["n"]
+        mb = max(1, n // cfg.num_minibatches)
+        critic_only = self.iteration < cfg.n_critic_warmup_itr
+        logs = {"policy_loss": [], "value_loss": [], "bc_loss": [], "approx_kl": [], "clip_frac": []}
+        stop = False
+        for _epoch in range(cfg.update_epochs):
+            perm = torch.randperm(n)
+            for start in range(0, n, mb):
+                idx = perm[start:start + mb]
+                obs, chain = buf.index_obs(flat, idx), flat["chain"][idx]
+                total, pg, vl, bc, st = self.loss(obs, chain, flat["log_prob"][idx], flat["adv"][idx],
+                                                   flat["ret"][idx], flat["value"][idx])
+                if critic_only:
+                    total = cfg.vf_coef * vl
+                self.actor_opt.zero_grad(set_to_none=True)
+                self.critic_opt.zero_grad(set_to_none=True)
+                total.backward()
+                nn.utils.clip_grad_norm_(self.policy.actor_parameters(), cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.policy.critic.parameters(), cfg.max_grad_norm)
+                if not critic_only:
+                    self.actor_opt.step()
+                if self.uses_critic:
+                    self.critic_opt.step()
+                for k, v in (("policy_loss", pg.item()), ("value_loss", vl.item()), ("bc_loss", bc.item()),
+                             ("approx_kl", st["approx_kl"]), ("clip_frac", st["clip_frac"])):
+                    logs[k].append(v)
+                if cfg.target_kl > 0 and st["approx_kl"] > cfg.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.iteration += 1
+        out = {k: sum(v) / max(len(v), 1) for k, v in logs.items()}
+        if self.uses_critic:
+            y, p = flat["ret"], flat["value"]
+            var_y = y.var()
+            out["explained_variance"] = float("nan") if var_y == 0 else (1 - (y - p).var() / var_y).item()
+        out["early_stop"] = float(stop)
+        return out
+
+    # ------------------------------------------------------------------ checkpoint state
+    def optimizers(self) -> dict:
+        return {"actor": self.actor_opt, "critic": self.critic_opt}
+
+    def extra_state(self) -> dict:
+        return {"iteration": self.iteration, "reward_scaler": self.reward_scaler.state_dict()}
+
+    def load_extra_state(self, d: dict) -> None:
+        self.iteration = d["iteration"]
+        self.reward_scaler.load_state_dict(d["reward_scaler"])

@@ -1,0 +1,78 @@
+"""Reward-weighted regression on the diffusion / flow-matching loss.
+
+Each collected (observation, executed action chunk) is weighted by ``exp(beta * normalized return)``
+(return = undiscounted reward-to-go of its episode within the rollout, normalized over the batch),
+weights clipped at ``max_weight``; the update is the weighted per-sample ``bc_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dppo import group_advantages
+
+
+@dataclass
+class RWRConfig:
+    beta: float = 2.0  # inverse temperature
+    max_weight: float = 20.0
+    normalize_returns: bool = True
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    lr: float = 1e-4
+    max_grad_norm: float = 1.0
+
+
+def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
+    r = returns.float()
+    if normalize and r.numel() > 1:
+        r = (r - r.mean()) / (r.std() + 1e-8)
+    return torch.exp(beta * r).clamp(max=max_weight)
+
+
+class RWR:
+    name = "rwr"
+    uses_critic = False
+
+    def __init__(self, policy, cfg: RWRConfig | None = None):
+        self.cfg = cfg or RWRConfig()
+        self.policy = policy
+        self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr)
+        self.iteration = 0
+
+    def update(self, buf) -> dict:
+        c = buf.data
+        dones = c["terminated"] | c["truncated"]
+        zeros = torch.zeros_like(c["group"])
+        _, rtg = group_advantages(c["reward"], dones, zeros)
+        w = rwr_weights(rtg, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
+        flat = buf.flatten(w, rtg)
+        n, mb = flat["n"], max(1, flat["n"] // self.cfg.num_minibatches)
+        losses = []
+        for _ in range(self.cfg.update_epochs):
+            perm = torch.randperm(n)
+            for s in range(0, n, mb):
+                idx = perm[s:s + mb]
+                obs = buf.index_obs(flat, idx)
+                per = self.policy.bc_loss(obs, flat["td"]["actions"][idx], reduction="none")
+                wi = flat["adv"][idx]
+                loss = (wi * per).sum() / wi.sum()
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.policy.actor_parameters(), self.cfg.max_grad_norm)
+                self.opt.step()
+                losses.append(loss.item())
+        self.iteration += 1
+        return {"policy_loss": sum(losses) / len(losses), "weight_max": w.max().item(), "weight_mean": w.mean().item()}
+
+    def optimizers(self) -> dict:
+        return {"actor": self.opt}
+
+    def extra_state(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_extra_state(self, d: dict) -> None:
+        self.iteration = d["iteration"]

@@ -1,0 +1,226 @@
+"""On-policy runner used by DPPO and RWR: collect -> update -> log -> evaluate -> checkpoint, resumable.
+
+Checkpoint layout (``<log_dir>/checkpoint``, written atomically; a crash leaves the last good one)::
+
+    policy/            VLAPolicy.save_pretrained
+    optim.safetensors  optimizer tensors (keys "<opt>/<param index>/<name>")
+    state.json         iteration, env steps, optimizer scalars/param groups, algorithm state, RNG
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from vla_rl.algos import DPPO, RWR, DPPOConfig, RWRConfig
+from vla_rl.checkpoint import read_json, write_dir_atomically
+from vla_rl.evaluate import evaluate
+from vla_rl.policy import VLAPolicy
+from vla_rl.rollout import RolloutBuffer
+
+
+@dataclass
+class RunnerConfig:
+    iterations: int = 100
+    num_envs: int = 32
+    steps_per_iter: int = 4  # decisions (action chunks) per env per iteration
+    eval_every: int = 10  # 0 = never
+    eval_episodes: int = 64
+    checkpoint_every: int = 10  # 0 = only at the end
+    seed: int = 0
+    log_dir: str = "runs/rl"
+    device: str = "cpu"
+    resume: bool = True  # continue from <log_dir>/checkpoint if present
+    group_size: int = 0  # >0: envs reset in groups with identical starts (GRPO), needs env.reset_group
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    policy_path: str = ""
+    env: dict = field(default_factory=dict)  # passed to the env factory: {"task": ..., **kwargs}
+    algo: str = "dppo"  # "dppo" | "rwr"
+    dppo: DPPOConfig = field(default_factory=DPPOConfig)
+    rwr: RWRConfig = field(default_factory=RWRConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+
+def make_algo(name: str, policy, cfg: TrainConfig):
+    if name == "dppo":
+        return DPPO(policy, cfg.dppo)
+    if name == "rwr":
+        return RWR(policy, cfg.rwr)
+    raise ValueError(f"algo must be 'dppo' or 'rwr', got {name!r}")
+
+
+def _default_env_factory(env_cfg: dict, num_envs: int, device: str):
+    env_cfg = dict(env_cfg)
+    task = env_cfg.pop("task", "toy")
+    if task == "toy":
+        from vla_rl.envs.toy import ToyGoalEnv
+        return ToyGoalEnv(num_envs, device=device, **env_cfg)
+    from vla_rl.envs import make_env  # built by the envs engineer
+    return make_env(task, num_envs, device=device, **env_cfg)
+
+
+class Runner:
+    def __init__(self, cfg: TrainConfig, policy=None, env=None, eval_env=None, env_factory=None):
+        rc = cfg.runner
+        self.cfg, self.rc = cfg, rc
+        torch.manual_seed(rc.seed)
+        factory = env_factory or _default_env_factory
+        self.policy = policy if policy is not None else VLAPolicy.from_pretrained(cfg.policy_path, device=rc.device)
+        self.env = env if env is not None else factory(cfg.env, rc.num_envs, rc.device)
+        self.eval_env = eval_env if eval_env is not None else self.env
+        self.algo = make_algo(cfg.algo, self.policy, cfg)
+        self.log_dir = Path(rc.log_dir)
+        self.ckpt_dir = self.log_dir / "checkpoint"
+        self.iteration, self.env_steps = 0, 0
+        if rc.resume and (self.ckpt_dir / "state.json").is_file():
+            self.load(self.ckpt_dir)
+        self.writer = SummaryWriter(str(self.log_dir / "tb"))
+        self.gen = torch.Generator(device=self.policy.head.pos_embed.device).manual_seed(rc.seed + 7919 * self.iteration)
+        if getattr(self, "_gen_state", None) is not None:
+            self.gen.set_state(self._gen_state)
+        self.obs = self._reset(rc.seed + self.iteration)
+
+    def _reset(self, seed):
+        if self.rc.group_size > 0:
+            return self.env.reset_group(self.rc.group_size, seed=seed)
+        return self.env.reset(seed=seed)
+
+    # ------------------------------------------------------------------ collect
+    @torch.no_grad()
+    def collect(self) -> tuple[RolloutBuffer, dict]:
+        rc, pol, env = self.rc, self.policy, self.env
+        buf = RolloutBuffer(rc.steps_per_iter, env.num_envs, device="cpu")
+        ep = {"success": [], "return": [], "length": []}
+        group = torch.arange(env.num_envs) // max(rc.group_size, 1) if rc.group_size > 0 else None
+        if group is None and self.cfg.algo == "dppo" and self.cfg.dppo.advantage == "group":
+            names = {}  # per-instruction baseline when envs cannot be reset in groups
+            group = torch.tensor([names.setdefault(s, len(names)) for s in self.obs["instruction"]])
+        t0 = time.perf_counter()
+        use_v = getattr(self.algo, "uses_critic", False)
+        n_exec = 0
+        for _ in range(rc.steps_per_iter):
+            obs = self.obs
+            chain = pol.sample(obs, generator=self.gen)
+            value = pol.value(obs) if use_v else torch.zeros(env.num_envs)
+            nobs, reward, term, trunc, info = env.step(chain.actions[:, :pol.cfg.exec_steps])
+            next_value = pol.value(nobs) if use_v else torch.zeros(env.num_envs)
+            if use_v and trunc.any() and "final_obs" in info:
+                fv = pol.value(info["final_obs"])
+                next_value = torch.where(trunc.to(fv.device), fv, next_value)
+            buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group)
+            ended = (term | trunc).cpu()
+            ep["success"] += info["success"].cpu()[ended].float().tolist()
+            ep["return"] += info["episode_return"].cpu()[ended].tolist()
+            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
+            n_exec += int(torch.where(ended, info["episode_length"].cpu(), torch.full_like(info["episode_length"].cpu(), pol.cfg.exec_steps)).sum())
+            self.obs = nobs
+        if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
+            self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
+        buf.finalize()
+        dt = time.perf_counter() - t0
+        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
+        return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Path:
+        rc = self.rc
+        bar = tqdm(range(self.iteration, rc.iterations), initial=self.iteration, total=rc.iterations,
+                   disable=not rc.progress, desc=f"{self.cfg.algo}")
+        for it in bar:
+            buf, roll = self.collect()
+            t0 = time.perf_counter()
+            stats = self.algo.update(buf)
+            stats["update_time"] = time.perf_counter() - t0
+            self.iteration = it + 1
+            w, step = self.writer, self.env_steps
+            if roll["success"]:
+                w.add_scalar("train/success_rate", sum(roll["success"]) / len(roll["success"]), step)
+                w.add_scalar("train/episode_return", sum(roll["return"]) / len(roll["return"]), step)
+                w.add_scalar("train/episode_length", sum(roll["length"]) / len(roll["length"]), step)
+            w.add_scalar("perf/env_steps_per_s", roll["env_steps_per_s"], step)
+            w.add_scalar("perf/update_time", stats["update_time"], step)
+            for k, v in stats.items():
+                if k != "update_time":
+                    w.add_scalar(f"loss/{k}" if "loss" in k else f"train/{k}", v, step)
+            if rc.eval_every and self.iteration % rc.eval_every == 0:
+                ev = evaluate(self.policy, self.eval_env, rc.eval_episodes, seed=rc.seed + 10_000)
+                w.add_scalar("eval/success_rate", ev["success_rate"], step)
+                w.add_scalar("eval/episode_return", ev["mean_return"], step)
+                self.obs = self._reset(rc.seed + self.iteration) if self.eval_env is self.env else self.obs
+            if (rc.checkpoint_every and self.iteration % rc.checkpoint_every == 0) or self.iteration == rc.iterations:
+                self.save(self.ckpt_dir)
+            if roll["success"]:
+                bar.set_postfix(success=f"{sum(roll['success']) / len(roll['success']):.2f}")
+        self.writer.flush()
+        self.writer.close()
+        return self.log_dir
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self, path: Path) -> Path:
+        tensors, opt_meta = {}, {}
+        for name, opt in self.algo.optimizers().items():
+            sd = opt.state_dict()
+            scalars = {}
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        tensors[f"{name}/{pid}/{k}"] = v.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{pid}/{k}"] = v
+            opt_meta[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+        state = {"iteration": self.iteration, "env_steps": self.env_steps, "optimizers": opt_meta,
+                 "algo": self.algo.extra_state(), "torch_rng": torch.get_rng_state().tolist(),
+                 "gen_rng": self.gen.get_state().tolist(), "config": _jsonable(asdict(self.cfg))}
+
+        def write(tmp: Path):
+            self.policy.save_pretrained(tmp / "policy", extra={"iteration": self.iteration})
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state))
+
+        return write_dir_atomically(path, write)
+
+    def load(self, path: Path) -> None:
+        state = read_json(path / "state.json")
+        loaded = VLAPolicy.from_pretrained(path / "policy", device=self.policy.head.pos_embed.device)
+        self.policy.load_state_dict(loaded.state_dict())
+        tensors = load_file(str(path / "optim.safetensors"))
+        for name, opt in self.algo.optimizers().items():
+            meta = state["optimizers"][name]
+            st: dict[int, dict[str, Any]] = {}
+            for key, v in tensors.items():
+                o, pid, k = key.split("/", 2)
+                if o == name:
+                    st.setdefault(int(pid), {})[k] = v
+            for key, v in meta["scalars"].items():
+                pid, k = key.split("/", 1)
+                st.setdefault(int(pid), {})[k] = v
+            opt.load_state_dict({"state": st, "param_groups": meta["param_groups"]})
+        self.algo.load_extra_state(state["algo"])
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self._gen_state = torch.tensor(state["gen_rng"], dtype=torch.uint8)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x if isinstance(x, (int, float, str, bool, type(None))) else str(x)
+
+
+def train(cfg: TrainConfig, policy=None, env=None, eval_env=None) -> Path:
+    """Run (or resume) an RL stage; returns the run directory (TensorBoard under ``tb/``, ``checkpoint/``)."""
+    return Runner(cfg, policy=policy, env=env, eval_env=eval_env).train()
