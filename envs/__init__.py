@@ -29,7 +29,8 @@ def make_env(
     arm: bool = False,
     **task_kwargs,
 ) -> BatchedEnv:
-    """Build ``num_envs`` copies of a built-in task on a backend (``"cpu"``; ``"warp"`` if installed).
+    """Build ``num_envs`` copies of a built-in task on a backend: ``"cpu"`` (MuJoCo) or ``"warp"``
+    (mujoco-warp; ``device="cuda:0"`` on a GPU, ``"cpu"`` runs warp's CPU device, for tests).
 
     ``arm=True`` adds a 6-joint arm behind each gripper; ``task_kwargs`` go to the backend
     (e.g. ``state_includes_objects``).
@@ -41,7 +42,13 @@ def make_env(
         return MujocoCPUEnv(task_obj, num_envs, device=device, cameras=tuple(cameras), image_size=tuple(image_size),
                             randomization=randomization, seed=seed, max_episode_steps=max_episode_steps, **task_kwargs)
     if backend == "warp":
-        raise EnvError("backend 'warp' is not wired to the built-in tasks yet; use backend='cpu'")
+        try:
+            from .mujoco_warp import TaskWarpEnv
+        except ImportError as e:
+            raise EnvError(f"backend 'warp' needs mujoco-warp and warp-lang: pip install 'vla-rl[warp]' ({e})") from e
+
+        return TaskWarpEnv(task_obj, num_envs, device=device, cameras=tuple(cameras), image_size=tuple(image_size),
+                           randomization=randomization, seed=seed, max_episode_steps=max_episode_steps, **task_kwargs)
     raise EnvError(f"unknown backend {backend!r}; valid backends: {list(BACKENDS)}")
 
 

@@ -245,3 +245,12 @@ def test_large_config_constructs_on_meta_device():
     n = sum(p.numel() for p in head.parameters())
     assert 0.9e9 < n < 1.3e9, n
     assert out.shape == (2, 16, 7)
+
+
+def test_actor_needs_no_privileged_state_but_critic_does():
+    policy = perturbed_policy(tiny_config(privileged_dim=4))
+    obs = make_obs(2)
+    policy.sample(obs)  # the deployed actor never sees simulator state
+    with pytest.raises(ObservationError, match="privileged"):
+        policy.value(obs)
+    assert policy.value({**obs, "privileged": torch.zeros(2, 4)}).shape == (2,)

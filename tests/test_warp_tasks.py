@@ -13,7 +13,7 @@ pytest.importorskip("warp")
 pytest.importorskip("mujoco_warp")
 
 from vla_rl.envs import make_env  # noqa: E402
-from vla_rl.envs.mujoco_warp import TaskWarpEnv, make_warp_env  # noqa: E402
+from vla_rl.envs.mujoco_warp import TaskWarpEnv  # noqa: E402
 
 N = 4
 RAND = {
@@ -25,7 +25,10 @@ KW = dict(randomization=RAND, state_includes_objects=True)
 
 
 def _warp(seed=0):
-    return make_warp_env("lift", N, device="cpu", seed=seed, cameras=("front",), image_size=(32, 32), **KW)
+    # Through the public switch: backend="warp" on warp's CPU device.
+    env = make_env("lift", N, backend="warp", device="cpu", seed=seed, cameras=("front",), image_size=(32, 32), **KW)
+    assert isinstance(env, TaskWarpEnv)
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,20 @@
-"""The ``vla-rl`` command. Each subcommand is a thin shell over a library function."""
+"""The ``vla-rl`` command. Each subcommand is a thin shell over a library function.
+
+    vla-rl demo                                   the whole story, small, on CPU MuJoCo
+    vla-rl collect --task place --episodes 50 --out demos/place
+    vla-rl pretrain --data demos/place --out runs/pretrained [key=value ...]
+    vla-rl train configs/train/place_dppo.yaml [key=value ...]
+    vla-rl eval --policy runs/place_dppo/checkpoint/policy --task place [--split heldout]
+    vla-rl eval --bundle bundles/place --task place
+    vla-rl export runs/place_dppo/checkpoint/policy --out bundles/place
+    vla-rl serve bundles/place --port 8765
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
 from .config import ConfigError, load_config
@@ -21,6 +33,94 @@ def _pretrain(args) -> None:
     print(f"pretrained policy written to {out}")
 
 
+def _collect(args) -> None:
+    from .collect import collect_demos
+
+    result = collect_demos(args.task, args.episodes, args.out, num_envs=args.num_envs, noise=args.noise,
+                           seed=args.seed, cameras=tuple(args.cameras), image_size=tuple(args.image_size),
+                           keep_failed=args.keep_failed)
+    print(f"wrote {result['written']} episodes to {result['path']} "
+          f"(expert success {result['success_rate']:.1%} over {result['attempted']} attempts)")
+
+
+def load_train_config(paths, overrides):
+    """The RL-stage config (``vla_rl.runner.TrainConfig``), with the env section checked key by key."""
+    from .envs import EnvConfig, EnvError
+    from .runner import TrainConfig
+
+    cfg = load_config(TrainConfig, paths, overrides)
+    env = dict(cfg.env)
+    if env.get("task", "toy") != "toy":
+        try:  # the env section is passed to make_env: reject unknown keys now, not mid-run
+            EnvConfig.from_dict(env)
+        except EnvError as e:
+            raise ConfigError(f"env: {e}") from e
+    return cfg
+
+
+def _train(args) -> None:
+    from .runner import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    if not cfg.policy_path:
+        raise ConfigError("policy_path is not set: the RL stage starts from a pretrained policy directory")
+    run_dir = train(cfg)
+    print(f"run written to {run_dir} (TensorBoard: tensorboard --logdir {run_dir}/tb)")
+
+
+def _eval(args) -> None:
+    import torch
+
+    from .envs import EnvConfig, RandomizationConfig, make_env_from_config
+    from .evaluate import evaluate, evaluate_bundle
+
+    if bool(args.policy) == bool(args.bundle):
+        raise ConfigError("give exactly one of --policy DIR or --bundle DIR")
+    overrides = [f"task={args.task}", f"num_envs={args.num_envs}", *args.overrides]
+    env_cfg = load_config(EnvConfig, args.env_config or [], overrides)
+    if args.split:
+        env_cfg.randomization = dataclasses.replace(env_cfg.randomization or RandomizationConfig(), split=args.split)
+    if args.policy:
+        from .policy import VLAPolicy
+
+        policy = VLAPolicy.from_pretrained(args.policy, device=env_cfg.device)
+        _use_policy_cameras(policy.cfg.cameras, policy.cfg.image_size, env_cfg)
+        env = make_env_from_config(env_cfg)
+        with torch.no_grad():
+            result = evaluate(policy, env, args.episodes, deterministic=args.deterministic, seed=args.seed,
+                              video_path=args.video)
+    else:
+        from .deploy import PolicyRuntime
+
+        runtime = PolicyRuntime.load(args.bundle)
+        _use_policy_cameras(runtime.cameras, runtime.image_size, env_cfg)
+        env = make_env_from_config(env_cfg)
+        result = evaluate_bundle(runtime, env, args.episodes, seed=args.seed, video_path=args.video)
+    env.close()
+    low, high = result["success_ci95"]
+    print(f"success rate {result['success_rate']:.1%} (95% CI {low:.1%}-{high:.1%}) over {result['num_episodes']} "
+          f"episodes; mean return {result['mean_return']:.3f}, mean length {result['mean_length']:.1f}")
+    for factor, rows in result["by_factor"].items():
+        cells = ", ".join(f"[{r['low']:.2f}, {r['high']:.2f}]: {r['success_rate']:.0%} (n={r['n']})" for r in rows)
+        print(f"  {factor}: {cells}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _use_policy_cameras(cameras, image_size, env_cfg) -> None:
+    """Render what the policy was trained to see, unless the env config names cameras itself."""
+    if list(cameras) and not env_cfg.cameras:
+        env_cfg.cameras, env_cfg.image_size = list(cameras), list(image_size)
+
+
+def _demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, args.config or [], args.overrides)
+    run_demo(cfg)
+
+
 def _export(args) -> None:
     from .export import export_main
 
@@ -34,15 +134,52 @@ def _serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "key=value config overrides (OmegaConf dot-list), e.g. runner.iterations=50"
+
+    p = sub.add_parser("demo", help="end-to-end on CPU MuJoCo: collect demos, pretrain, fine-tune with DPPO, evaluate")
+    p.add_argument("--config", action="append", help="YAML preset (schema vla_rl.demo.DemoConfig)")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("collect", help="record scripted-expert demonstrations")
+    p.add_argument("--task", required=True)
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--out", required=True, help="directory (or .hdf5 file) to write")
+    p.add_argument("--num-envs", type=int, default=16)
+    p.add_argument("--noise", type=float, default=0.0, help="expert action noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cameras", nargs="*", default=[])
+    p.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    p.add_argument("--keep-failed", action="store_true", help="also write episodes the expert failed")
+    p.set_defaults(func=_collect)
 
     p = sub.add_parser("pretrain", help="behaviour cloning of a diffusion/flow VLA policy on demos")
     p.add_argument("--data", help="demo directory or .hdf5 file")
     p.add_argument("--config", action="append", help="YAML config (repeatable; later files win)")
     p.add_argument("--out", help="checkpoint directory to write")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. steps=500 policy.horizon=8")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("train", help="RL fine-tuning (DPPO or RWR) of a pretrained policy")
+    p.add_argument("config", nargs="+", help="YAML config(s) (schema vla_rl.runner.TrainConfig), then key=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="success rate (95%% CI) of a policy or an exported bundle, per randomization factor")
+    p.add_argument("--policy", help="policy directory (save_pretrained / a run's checkpoint/policy)")
+    p.add_argument("--bundle", help="exported bundle directory: evaluates the torch-free runtime in the loop")
+    p.add_argument("--task", required=True)
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--num-envs", type=int, default=16)
+    p.add_argument("--split", choices=["train", "heldout"], help="randomization split (needs randomization on)")
+    p.add_argument("--env-config", action="append", help="YAML env config (schema vla_rl.envs.EnvConfig)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--deterministic", action="store_true", help="deterministic denoising (eta = 0)")
+    p.add_argument("--video", help="write an mp4 of env 0 (needs cameras and imageio)")
+    p.add_argument("--json", help="write the full result as JSON")
+    p.add_argument("overrides", nargs="*", help="env config key=value overrides, e.g. randomization.split=heldout")
+    p.set_defaults(func=_eval)
 
     from .deploy.cli import add_export_arguments, add_serve_arguments
 
@@ -57,10 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # split "a.yaml b.yaml k=v k2=v2" into files and overrides
+        args.overrides = [a for a in args.config if "=" in a]
+        args.config = [a for a in args.config if "=" not in a]
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"vla-rl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # EnvError, CheckpointError, DataError, ObservationError: bad input, named
+        print(f"vla-rl {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 

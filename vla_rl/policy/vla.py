@@ -97,8 +97,9 @@ class VLAPolicy(nn.Module):
         self._frozen: list[VLAPolicy] = []  # frozen copy for the deterministic early steps (DPPO)
 
     # ------------------------------------------------------------------ observations
-    def check_obs(self, obs: dict) -> int:
-        """Validate an observation batch against the config; returns the batch size."""
+    def check_obs(self, obs: dict, for_critic: bool = False) -> int:
+        """Validate an observation batch against the config; returns the batch size. Privileged state
+        is checked only for the critic: the actor never sees it, so a deployed policy needs none."""
         if not isinstance(obs, dict):
             raise ObservationError(f"observation must be a dict, got {type(obs).__name__}")
         if "state" not in obs:
@@ -117,7 +118,7 @@ class VLAPolicy(nn.Module):
                 raise ObservationError(f"policy uses cameras {self.cfg.cameras} but obs has no 'rgb'")
             if tuple(rgb.shape) != want:
                 raise ObservationError(f"obs['rgb'] must be {list(want)} (uint8), got {list(rgb.shape)}")
-        if self.cfg.privileged_dim and self.critic.use_privileged:
+        if for_critic and self.critic.use_privileged:
             p = obs.get("privileged")
             if p is None or tuple(p.shape) != (b, self.cfg.privileged_dim):
                 got = None if p is None else tuple(p.shape)
@@ -203,7 +204,7 @@ class VLAPolicy(nn.Module):
         return gaussian_log_prob(x_out, mean, std).view(b, n)
 
     def value(self, obs: dict) -> torch.Tensor:
-        self.check_obs(obs)
+        self.check_obs(obs, for_critic=True)
         device = self.head.pos_embed.device
         state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
         language = self.language(list(obs["instruction"]))
