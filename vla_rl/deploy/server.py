@@ -143,6 +143,7 @@ def _plain(x) -> bool:
 def serve(bundle_dir, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None, **kwargs) -> None:
     """Serve ``bundle_dir`` until interrupted (blocking). ``kwargs`` go to :class:`PolicyServer`."""
     server = PolicyServer(bundle_dir, host, port, token, **kwargs)
+    print(f"vla-rl serve: {bundle_dir} on {server.url}" + (" (token required)" if token else ""), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -218,15 +219,8 @@ def serve_main(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = args.token or os.environ.get("VLA_RL_SERVE_TOKEN")
-    server = PolicyServer(Path(args.bundle), args.host, args.port, token, max_message_bytes=args.max_message_bytes,
-                          session_defaults={"mode": args.mode, "noise": args.noise, "seed": args.seed})
-    print(f"vla-rl serve: {args.bundle} on {server.url}" + (" (token required)" if token else ""), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve(Path(args.bundle), args.host, args.port, token, max_message_bytes=args.max_message_bytes,
+          session_defaults={"mode": args.mode, "noise": args.noise, "seed": args.seed})
 
 
 def main(argv: list[str] | None = None) -> None:
