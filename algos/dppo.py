@@ -37,11 +37,21 @@ class DPPOConfig:
     max_grad_norm: float = 1.0
     target_kl: float = 0.0  # stop the epoch loop once approx KL exceeds this (0 = off)
     norm_adv: bool = True
-    reward_scale_running: bool = True  # divide rewards by the running std of discounted returns
+    # Divide rewards by the running std of discounted returns. Off by default: with outcome-only {0, 1}
+    # rewards that std follows the success rate (tiny near 0% and 100%), so the critic's targets are
+    # rescaled every iteration and blow up exactly when the policy is bad or good; the actor does not
+    # need it (advantages are normalized). Turn on for dense/shaped rewards of arbitrary scale.
+    reward_scale_running: bool = False
     reward_scale_const: float = 1.0
     n_critic_warmup_itr: int = 0  # update only the critic for the first n iterations
     bc_coef: float = 0.0  # BC regularization toward a frozen copy of the pretrained policy
-    bootstrap_truncated: bool = True  # False: a time-limit cut is a failure (deadline is part of the task)
+    # False (default): a time-limit cut is a failure -- in every built-in task the deadline is part of the
+    # task and the observation has no clock, so bootstrapping V(final_obs) credits a timed-out episode with
+    # the value of a state that looks like it could still succeed (and that the critic, trained only on
+    # states before the deadline, never fits). True: bootstrap every truncation (infinite-horizon tasks).
+    # Truncations of diverged envs (``info["unstable"]``) are never counted as failures: the runner gives
+    # them next_value = value, so their TD error is ~0 (outcome unknown).
+    bootstrap_truncated: bool = False
     advantage: str = "gae"  # "gae" (critic) or "group" (critic-free, group/instruction-relative outcome)
     freeze_early_steps: bool = True  # the deterministic early steps run with frozen pretrained weights
 
@@ -156,7 +166,8 @@ class DPPO:
             return group_advantages(rewards, dones, c["group"])
         if self.cfg.reward_scale_running:
             rewards = self.reward_scaler(rewards, dones)
-        no_bootstrap = c["terminated"] if self.cfg.bootstrap_truncated else dones
+        unstable = c["unstable"] if "unstable" in c.keys() else torch.zeros_like(dones)
+        no_bootstrap = c["terminated"] if self.cfg.bootstrap_truncated else (dones & ~unstable)
         return compute_gae(rewards, c["value"], c["next_value"], no_bootstrap, dones,
                            self.cfg.gamma, self.cfg.gae_lambda)
 
@@ -217,7 +228,8 @@ class DPPO:
         flat = buf.flatten(adv, returns)
         n = flat["n"]
         mb = max(1, n // cfg.num_minibatches)
-        critic_only = self.iteration < cfg.n_critic_warmup_itr
+        # Critic warm-up only means something with a critic (the group advantage has none).
+        critic_only = self.uses_critic and self.iteration < cfg.n_critic_warmup_itr
         logs = {"policy_loss": [], "value_loss": [], "bc_loss": [], "approx_kl": [], "clip_frac": []}
         stop = False
         for _epoch in range(cfg.update_epochs):

@@ -24,6 +24,7 @@ class RWRConfig:
     num_minibatches: int = 4
     lr: float = 1e-4
     max_grad_norm: float = 1.0
+    skip_constant: bool = True  # no update when all returns of the rollout are equal (no signal)
 
 
 def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
@@ -48,6 +49,11 @@ class RWR:
         dones = c["terminated"] | c["truncated"]
         zeros = torch.zeros_like(c["group"])
         _, rtg = group_advantages(c["reward"], dones, zeros)
+        if self.cfg.skip_constant and rtg.numel() > 1 and bool((rtg == rtg.flatten()[0]).all()):
+            # Every return equal (typically: no success in the rollout): the weights are uniform, so the
+            # update would be plain BC on the policy's own noisy samples -- pure drift, no signal.
+            self.iteration += 1
+            return {"policy_loss": float("nan"), "weight_max": 1.0, "weight_mean": 1.0, "skipped": 1.0}
         w = rwr_weights(rtg, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
         flat = buf.flatten(w, rtg)
         n, mb = flat["n"], max(1, flat["n"] // self.cfg.num_minibatches)
@@ -66,7 +72,8 @@ class RWR:
                 self.opt.step()
                 losses.append(loss.item())
         self.iteration += 1
-        return {"policy_loss": sum(losses) / len(losses), "weight_max": w.max().item(), "weight_mean": w.mean().item()}
+        return {"policy_loss": sum(losses) / len(losses), "weight_max": w.max().item(), "weight_mean": w.mean().item(),
+                "skipped": 0.0}
 
     def optimizers(self) -> dict:
         return {"actor": self.opt}

@@ -1,6 +1,6 @@
 """Policy benchmark: parameter counts of the named sizes, and chain-sampling throughput on CPU.
 
-    python benchmarks/bench_policy.py [--repeats 5] [--batch 64]
+    python benchmarks/bench_policy.py [--repeats 5] [--batch 64] [--params-only]
 
 Throughput = action chunks sampled per second (batch of observations, full chain of K steps, all K
 stochastic, state + language observation, tiny head), median over repeats; K = 10 and K = 100.
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--params-only", action="store_true", help="parameter counts only (no timing)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -38,6 +39,8 @@ def main():
             cfg = PolicyConfig(action_dim=7, state_dim=16, horizon=16, cameras=["front"], language_encoder="hash", dit=dit)
             full = VLAPolicy(cfg)
         print(f"| {name} | {dit.d_model} x {dit.n_layers} | {count(head) / 1e6:.2f} M | {count(full) / 1e6:.2f} M |")
+    if args.params_only:
+        return
 
     print(f"\nchain sampling, tiny head, batch {args.batch}, torch threads {torch.get_num_threads()}")
     print("| K | kind | chunks/s (median) | min | max |")

@@ -101,6 +101,7 @@ class MujocoCPUEnv(BatchedEnv):
         self._renderer = None
         self._render_model = None
         self.reset_count = 0
+        self._group_size = 1
         self._gather()
 
     # ---------------------------------------------------------------- model bookkeeping
@@ -138,8 +139,14 @@ class MujocoCPUEnv(BatchedEnv):
     def _reset_envs(self, env_ids: torch.Tensor) -> None:
         ids = env_ids.cpu().tolist()
         n = len(ids)
-        ep = self.task.sample(self.gen, n)
-        values = rnd.sample(self.rand, self.gen, n, NUM_TABLE_TEXTURES) if self.rand else None
+        # Grouped reset (reset_group): one draw per block of `g` envs, repeated, so the block starts identically.
+        g = self._group_size
+        leader = torch.arange(n) // g
+        m = int(leader[-1]) + 1 if n else 0
+        ep = _take_episodes(self.task.sample(self.gen, m), leader)
+        values = rnd.sample(self.rand, self.gen, m, NUM_TABLE_TEXTURES) if self.rand else None
+        if values is not None:
+            values = {k: v[leader] for k, v in values.items()}
         if self.episode is None:
             self.episode = self.task.sample(torch.Generator().manual_seed(0), self.num_envs)
         for field in ("obj_xy", "container_xy", "colors", "target", "goal"):
@@ -161,7 +168,7 @@ class MujocoCPUEnv(BatchedEnv):
             d.ctrl[:] = FINGER_MAX
             d.qpos[self.finger_qadr.ravel()] = FINGER_MAX
             mujoco.mj_forward(m, d)
-            self.instructions[i] = ep.instruction[j]
+            self.instructions[i] = self.episode.instruction[i] = ep.instruction[j]
             self._warnings[i] = _divergence_count(d)
         if values is not None:
             if not self.rand_values:
@@ -175,6 +182,18 @@ class MujocoCPUEnv(BatchedEnv):
         self._action_hist[env_ids.cpu()] = self._neutral_action()
         self.reset_count += n
         self._gather()
+
+    def reset_group(self, group_size: int, seed: int | None = None):
+        """Reset every env so that each consecutive block of ``group_size`` envs starts identically (same
+        scene, instruction and randomization draw), for group-relative advantages (DPPOConfig.advantage
+        = "group" with RunnerConfig.group_size). Later auto-resets draw independently again."""
+        if group_size < 1 or self.num_envs % group_size:
+            raise EnvError(f"group_size must divide num_envs={self.num_envs}, got {group_size}")
+        self._group_size = group_size
+        try:
+            return self.reset(seed)
+        finally:
+            self._group_size = 1
 
     def _neutral_action(self) -> torch.Tensor:
         a = torch.zeros(self.spec.action_dim)
@@ -315,3 +334,9 @@ class MujocoCPUEnv(BatchedEnv):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+
+def _take_episodes(ep, index: torch.Tensor):
+    """Episode rows ``index`` (tensors and instructions alike)."""
+    fields = {f: getattr(ep, f)[index] for f in ("obj_xy", "container_xy", "colors", "target", "goal")}
+    return type(ep)(**fields, instruction=[ep.instruction[int(i)] for i in index])

@@ -590,7 +590,7 @@ class TaskWarpEnv(MujocoWarpEnv):
         self._run("forward", self._forward_launch)
         self._unstable_flag[ids] = False
         for j, i in enumerate(ids_c.tolist()):
-            self._instructions[i] = ep.instruction[j]
+            self._instructions[i] = self.episode.instruction[i] = ep.instruction[j]
         depth = int(self._delay.max()) + 1
         if self._action_hist.shape[1] != depth:
             self._action_hist = torch.zeros(self.num_envs, depth, self.spec.action_dim, device=dev)

@@ -111,3 +111,22 @@ def test_rwr_weights():
     assert w.max().item() == 2.0
     w2 = rwr_weights(r, beta=0.5, max_weight=100.0, normalize=False)
     assert torch.allclose(w2, torch.exp(0.5 * r))
+
+
+def test_group_advantage_updates_actor_despite_critic_warmup(tmp_path):
+    """Critic-free DPPO ignores n_critic_warmup_itr (there is no critic to warm up) and moves the actor."""
+    from vla_rl.envs.toy import ToyGoalEnv
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    from toy_utils import pretrain_toy
+
+    policy = pretrain_toy(steps=150, seed=0)  # succeeds about half the time: mixed outcomes in each group
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(advantage="group", n_critic_warmup_itr=2, update_epochs=1),
+                      runner=RunnerConfig(iterations=1, num_envs=32, steps_per_iter=1, group_size=8, eval_every=0,
+                                          checkpoint_every=0, log_dir=str(tmp_path), progress=False))
+    runner = Runner(cfg, policy=policy, env=ToyGoalEnv(32, seed=0))
+    before = [p.detach().clone() for p in policy.head.parameters()]
+    buf, _ = runner.collect()
+    assert runner.algo.compute_advantages(buf)[0].abs().sum() > 0
+    runner.algo.update(buf)
+    assert any(not torch.equal(a, p) for a, p in zip(before, policy.head.parameters()))

@@ -52,3 +52,16 @@ def test_cli_errors_name_the_problem(pretrained, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["eval", "--policy", str(pretrained / "pre"), "--task", "nosuchtask"]) == 2
     assert "nosuchtask" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_small(tmp_path, capsys):
+    """The README's main job (`vla-rl demo`), shrunk: every stage runs and the summary is written."""
+    out = tmp_path / "demo"
+    small = ["demos=4", "pretrain_steps=3", "runner.iterations=1", "runner.num_envs=4", "runner.steps_per_iter=2",
+             "runner.progress=false", "eval_episodes=4", "eval_envs=4", f"out={out}",
+             *(t for t in TINY if not t.startswith("policy.noise.sample_steps")), "policy.noise.sample_steps=6",
+             "stochastic_steps=2"]
+    assert main(["demo", *small]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["num_episodes"] == 4 and summary["after"]["num_episodes"] == 4
+    assert "before RL" in capsys.readouterr().out

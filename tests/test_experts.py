@@ -30,3 +30,22 @@ def test_collect_demos(tmp_path):
 
 def test_expert_with_arm():
     assert evaluate_expert("place", num_episodes=16, num_envs=16, seed=0, arm=True) >= 0.9
+
+
+def test_collect_dart_labels(tmp_path):
+    """With noise, label="expert" records the noise-free expert action (DART) and "executed" the noisy one."""
+    import numpy as np
+
+    from vla_rl.collect import collect_demos
+
+    kw = dict(num_envs=2, noise=0.3, seed=3)
+    clean = load_episodes(collect_demos("lift", 2, tmp_path / "clean.hdf5", **kw)["path"])
+    noisy = load_episodes(collect_demos("lift", 2, tmp_path / "noisy.hdf5", label="executed", **kw)["path"])
+    # Same seed, same executed actions: identical visited states, different labels.
+    np.testing.assert_allclose(clean[0]["state"], noisy[0]["state"])
+    diff = np.abs(clean[0]["action"] - noisy[0]["action"])
+    assert diff.mean() > 0.05
+    # Expert labels of the descent are exactly saturated moves (|a| = 1 on z) -- noise-free values.
+    assert np.isclose(np.abs(clean[0]["action"][0, 2]), 1.0)
+    with pytest.raises(ValueError, match="label"):
+        collect_demos("lift", 1, tmp_path / "x.hdf5", label="bogus")

@@ -37,7 +37,7 @@ def _collect(args) -> None:
     from .collect import collect_demos
 
     result = collect_demos(args.task, args.episodes, args.out, num_envs=args.num_envs, noise=args.noise,
-                           seed=args.seed, cameras=tuple(args.cameras), image_size=tuple(args.image_size),
+                           label=args.label, seed=args.seed, cameras=tuple(args.cameras), image_size=tuple(args.image_size),
                            keep_failed=args.keep_failed)
     print(f"wrote {result['written']} episodes to {result['path']} "
           f"(expert success {result['success_rate']:.1%} over {result['attempted']} attempts)")
@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--out", required=True, help="directory (or .hdf5 file) to write")
     p.add_argument("--num-envs", type=int, default=16)
-    p.add_argument("--noise", type=float, default=0.0, help="expert action noise")
+    p.add_argument("--noise", type=float, default=0.0, help="std of noise added to the executed expert action")
+    p.add_argument("--label", choices=["expert", "executed"], default="expert",
+                   help="record the expert's noise-free action (DART) or the executed, noisy one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cameras", nargs="*", default=[])
     p.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))

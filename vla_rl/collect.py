@@ -20,6 +20,7 @@ def collect_demos(
     num_envs: int = 16,
     noise: float = 0.0,
     seed: int = 0,
+    label: str = "expert",
     cameras: tuple[str, ...] = (),
     image_size: tuple[int, int] = (128, 128),
     keep_failed: bool = False,
@@ -30,11 +31,17 @@ def collect_demos(
     """Run the expert in ``num_envs`` parallel envs until ``num_episodes`` episodes are written.
 
     Each step records the observation the action was taken from (``state``, ``privileged``,
-    ``rgb`` when cameras are on). Returns ``{"path", "written", "attempted", "success_rate"}``.
+    ``rgb`` when cameras are on). ``noise`` (std, normalized action units) perturbs the executed action
+    so the demos visit states off the expert's path; ``label="expert"`` records the expert's noise-free
+    action there (DART, Laskey et al. 2017: the labels teach recovery instead of the noise), ``"executed"``
+    the perturbed action that was sent. Returns ``{"path", "written", "attempted", "success_rate"}``.
     """
+    if label not in ("expert", "executed"):
+        raise ValueError(f"label must be 'expert' or 'executed', got {label!r}")
     env = make_env(task, num_envs, cameras=tuple(cameras), image_size=tuple(image_size),
                    randomization=randomization, seed=seed, **env_kwargs)
-    act = make_expert(env, noise=noise, seed=seed)
+    act = make_expert(env)
+    gen = torch.Generator().manual_seed(seed)
     obs = env.reset(seed=seed)
     keys = [k for k in ("state", "privileged", "rgb") if k in obs]
     buffers = [_empty(keys) for _ in range(num_envs)]
@@ -44,12 +51,16 @@ def collect_demos(
         for _ in range(max_steps):
             if written >= num_episodes:
                 break
-            action = act()
+            expert_action = act()
+            action = expert_action
+            if noise > 0:
+                action = (action + noise * torch.randn(action.shape, generator=gen).to(action.device)).clamp(-1, 1)
+            recorded = expert_action if label == "expert" else action
             instructions = list(obs["instruction"])
             for i in range(num_envs):
                 for k in keys:
                     buffers[i][k].append(obs[k][i].cpu().numpy())
-                buffers[i]["action"].append(action[i].cpu().numpy())
+                buffers[i]["action"].append(recorded[i].cpu().numpy())
             obs, _, term, trunc, info = env.step(action)
             for i in (term | trunc).nonzero().flatten().tolist():
                 ok = bool(info["success"][i])

@@ -35,10 +35,11 @@ class DemoConfig:
     task: str = "place"
     out: str = "runs/demo"
     seed: int = 0
-    demos: int = 20  # few demonstrations: the pretrained policy is decent, not perfect
-    demo_noise: float = 0.1
-    pretrain_steps: int = 1000
-    size: str = "small"
+    demos: int = 150  # few demonstrations: the pretrained policy is decent, not perfect
+    demo_noise: float = 0.1  # executed-action noise; the labels are the expert's own actions (DART)
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 1e-3
+    size: str = "tiny"
     policy: PolicyConfig = field(default_factory=_demo_policy)
     stochastic_steps: int = 5  # K': DPPO fine-tunes the last K' of the K denoising steps
     dppo: DPPOConfig = field(default_factory=DPPOConfig)
@@ -63,7 +64,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print(f"{stamp()} 2/4 behaviour cloning ({cfg.pretrain_steps} steps, {cfg.size} action head)")
     pretrained = pretrain(PretrainConfig(data=str(out / "demos"), out=str(out / "pretrained"), size=cfg.size,
-                                         policy=cfg.policy, steps=cfg.pretrain_steps, seed=cfg.seed,
+                                         policy=cfg.policy, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
                                          save_every=cfg.pretrain_steps))
     before = _evaluate(pretrained, cfg, stochastic_steps=cfg.stochastic_steps)
     print(f"{stamp()}     pretrained success {_fmt(before)}")

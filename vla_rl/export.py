@@ -72,7 +72,7 @@ class PolicyGraph(nn.Module):
         tokens = [p.state_proj(state)[:, None], p.language_proj(language)[:, None]]
         if p.images is not None:
             tokens.append(self.image_tokens(rgb))
-        return torch.cat(tokens, 1)
+        return p.fuse(tokens)
 
     def image_tokens(self, rgb):
         """``ImageEncoder.forward`` with the adaptive pooling spelled out over static bins: the ONNX

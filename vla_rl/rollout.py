@@ -23,13 +23,15 @@ class RolloutBuffer:
     def reset(self):
         self.steps, self.instructions, self.data = [], [], None
 
-    def add(self, obs: dict, chain: Chain, reward, terminated, truncated, value, next_value, group=None):
+    def add(self, obs: dict, chain: Chain, reward, terminated, truncated, value, next_value, group=None,
+            unstable=None):
         td = TensorDict({
             "obs": TensorDict({k: v for k, v in obs.items() if isinstance(v, torch.Tensor)}, batch_size=[self.N]),
             "latents": chain.latents.detach(), "actions": chain.actions.detach(), "log_prob": chain.log_prob.detach(),
             "reward": reward.float(), "terminated": terminated.bool(), "truncated": truncated.bool(),
             "value": value.detach().float(), "next_value": next_value.detach().float(),
             "group": (torch.zeros(self.N, dtype=torch.long) if group is None else group.long()),
+            "unstable": (torch.zeros(self.N, dtype=torch.bool) if unstable is None else unstable.bool()),
         }, batch_size=[self.N], device=self.device)
         self.steps.append(td)
         self.instructions.append(list(obs["instruction"]))

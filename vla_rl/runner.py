@@ -46,6 +46,9 @@ class RunnerConfig:
 @dataclass
 class TrainConfig:
     policy_path: str = ""
+    # patches of the loaded policy's config that do not change the weights, e.g.
+    # {"noise": {"stochastic_steps": 5, "std_floor": 0.1}} (see VLAPolicy.from_pretrained)
+    policy_overrides: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # passed to the env factory: {"task": ..., **kwargs}
     algo: str = "dppo"  # "dppo" | "rwr"
     dppo: DPPOConfig = field(default_factory=DPPOConfig)
@@ -77,9 +80,14 @@ class Runner:
         self.cfg, self.rc = cfg, rc
         torch.manual_seed(rc.seed)
         factory = env_factory or _default_env_factory
-        self.policy = policy if policy is not None else VLAPolicy.from_pretrained(cfg.policy_path, device=rc.device)
+        self.policy = policy if policy is not None else VLAPolicy.from_pretrained(
+            cfg.policy_path, device=rc.device, **dict(cfg.policy_overrides))
         self.env = env if env is not None else factory(cfg.env, rc.num_envs, rc.device)
         self.eval_env = eval_env if eval_env is not None else self.env
+        if rc.group_size > 0 and not hasattr(self.env, "reset_group"):
+            raise ValueError(f"runner.group_size={rc.group_size} needs an env with reset_group(); "
+                             f"{type(self.env).__name__} has none (set runner.group_size=0: the group "
+                             "advantage then uses a per-instruction baseline)")
         self.algo = make_algo(cfg.algo, self.policy, cfg)
         self.log_dir = Path(rc.log_dir)
         self.ckpt_dir = self.log_dir / "checkpoint"
@@ -119,7 +127,11 @@ class Runner:
             if use_v and trunc.any() and "final_obs" in info:
                 fv = pol.value(info["final_obs"])
                 next_value = torch.where(trunc.to(fv.device), fv, next_value)
-            buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group)
+            unstable = info.get("unstable", torch.zeros_like(trunc)).cpu() & trunc.cpu()
+            if use_v and unstable.any():  # diverged env: outcome unknown, TD error ~0 (see DPPOConfig)
+                next_value = torch.where(unstable.to(value.device), value, next_value)
+            buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group,
+                    unstable)
             ended = (term | trunc).cpu()
             ep["success"] += info["success"].cpu()[ended].float().tolist()
             ep["return"] += info["episode_return"].cpu()[ended].tolist()

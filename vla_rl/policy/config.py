@@ -43,6 +43,10 @@ class PolicyConfig:
     language_encoder: str = "auto"  # "minilm" (frozen pretrained), "hash" (learned word-hash embedding), "auto"
     language_dim: int = 64  # width of the learned "hash" embedding
     language_buckets: int = 4096
+    # Observation trunk: transformer layers over the [state, language, camera] tokens before the action
+    # head reads them, so the instruction can select what matters in the state and images (which object,
+    # which container), as the VLM backbone of a VLA fuses them. 0 = the encoders' tokens as they are.
+    fusion_layers: int = 2
     dit: DiTConfig = field(default_factory=DiTConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])

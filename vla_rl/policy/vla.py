@@ -91,6 +91,11 @@ class VLAPolicy(nn.Module):
         self.images = ImageEncoder(len(cfg.cameras), cfg.image_channels, cfg.image_tokens, d) if cfg.cameras else None
         self.language_proj = nn.Linear(self.language.out_dim, d)
         self.state_proj = mlp([cfg.state_dim, d, d])
+        self.fusion = None
+        if cfg.fusion_layers > 0:
+            layer = nn.TransformerEncoderLayer(d, cfg.dit.n_heads, int(d * cfg.dit.mlp_ratio), cfg.dit.dropout,
+                                               activation="gelu", batch_first=True, norm_first=True)
+            self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
         self.head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon)
         self.critic = Critic(cfg, self.language.out_dim)
         self.noise = make_noise_process(cfg.noise)
@@ -136,7 +141,12 @@ class VLAPolicy(nn.Module):
         tokens = [self.state_proj(state)[:, None], self.language_proj(self.language(list(obs["instruction"])))[:, None]]
         if self.images is not None:
             tokens.append(self.images(obs["rgb"].to(device)))
-        return torch.cat(tokens, 1)
+        return self.fuse(tokens)
+
+    def fuse(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate the encoders' tokens and run the observation trunk over them."""
+        tokens = torch.cat(tokens, 1)
+        return self.fusion(tokens) if self.fusion is not None else tokens
 
     # ------------------------------------------------------------------ RL-facing API
     @property
