@@ -32,7 +32,7 @@ class DPPOConfig:
     ent_coef: float = 0.0  # unused by the Gaussian chain (entropy fixed by the std floor); kept for parity
     update_epochs: int = 5
     num_minibatches: int = 4
-    actor_lr: float = 1e-4
+    actor_lr: float = 3e-5  # on `place`, 1e-4 drove approx KL to ~0.05 per minibatch and lost success (BENCHMARKS.md)
     critic_lr: float = 1e-3
     max_grad_norm: float = 1.0
     target_kl: float = 0.0  # stop the epoch loop once approx KL exceeds this (0 = off)

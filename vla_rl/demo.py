@@ -37,14 +37,14 @@ class DemoConfig:
     seed: int = 0
     demos: int = 150  # few demonstrations: the pretrained policy is decent, not perfect
     demo_noise: float = 0.1  # executed-action noise; the labels are the expert's own actions (DART)
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 3000
     pretrain_lr: float = 1e-3
     size: str = "tiny"
     policy: PolicyConfig = field(default_factory=_demo_policy)
     stochastic_steps: int = 5  # K': DPPO fine-tunes the last K' of the K denoising steps
-    dppo: DPPOConfig = field(default_factory=DPPOConfig)
+    dppo: DPPOConfig = field(default_factory=lambda: DPPOConfig(n_critic_warmup_itr=2))
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(
-        iterations=10, num_envs=32, steps_per_iter=8, eval_every=0, checkpoint_every=5))
+        iterations=20, num_envs=32, steps_per_iter=8, eval_every=0, checkpoint_every=5))
     eval_episodes: int = 64
     eval_envs: int = 32
     threads: int = 0  # torch threads (0: torch's default)
