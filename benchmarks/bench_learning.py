@@ -31,16 +31,12 @@ from pathlib import Path
 import torch
 
 from vla_rl.algos import DPPOConfig, RWRConfig
+from vla_rl.envs import make_env
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
 from vla_rl.runner import Runner, RunnerConfig, TrainConfig
 
 NOISE = {"stochastic_steps": 5, "std_floor": 0.1}
-
-
-def make(task, n, seed):
-    from vla_rl.envs import make_env
-    return make_env(task, n, seed=seed)
 
 
 def dppo_config(**kw) -> DPPOConfig:
@@ -65,8 +61,8 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
                                           group_size=group_size,
                                           eval_every=0, checkpoint_every=0, seed=seed, resume=False, progress=False,
                                           log_dir=str(out / f"{algo}_s{seed}")))
-    r = Runner(cfg, policy=policy, env=make(task, num_envs, seed))
-    eval_env = make(task, 16, seed + 100)
+    r = Runner(cfg, policy=policy, env=make_env(task, num_envs, seed=seed))
+    eval_env = make_env(task, 16, seed=seed + 100)
     curve, ecurve, t0, t_eval = [], [], time.time(), 0.0
 
     def ev_point():
@@ -94,7 +90,7 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
                   f"t {time.time() - t0:.0f}s", flush=True)
     train_time = time.time() - t0 - t_eval
     r.policy.save_pretrained(out / f"{algo}_s{seed}" / "final")
-    ev = evaluate(policy, make(task, 16, seed + 100), eval_episodes, seed=seed + 100)
+    ev = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, seed=seed + 100)
     ecurve.append((r.env_steps, ev["success_rate"], eval_episodes))
     return {"success": ev["success_rate"], "ci95": ev["success_ci95"], "curve": ecurve, "train_curve": curve,
             "env_steps": r.env_steps, "train_time_s": train_time}
@@ -197,7 +193,7 @@ def cmd_run(a):
         res = sb3_run(a.task, a.budget, a.seed, a.eval_episodes, a.threads)
     elif a.algo == "pretrained":
         torch.set_num_threads(a.threads)
-        ev = evaluate(VLAPolicy.from_pretrained(a.pretrained, noise=NOISE), make(a.task, 16, a.seed + 100),
+        ev = evaluate(VLAPolicy.from_pretrained(a.pretrained, noise=NOISE), make_env(a.task, 16, seed=a.seed + 100),
                       a.eval_episodes, seed=a.seed + 100)
         res = {"success": ev["success_rate"], "ci95": ev["success_ci95"], "curve": [], "env_steps": 0}
     else:

@@ -85,6 +85,7 @@ TOY_XML = """
 def _toy_factories():
     """``--task toy``: a 3-joint arm + free cube, warp backend vs a plain MuJoCo C loop on CPU."""
     import mujoco
+    import numpy as np
 
     from vla_rl.envs.base import BatchedEnv, EnvSpec
     from vla_rl.envs.mujoco_warp import MujocoWarpEnv, WarpTaskBinding
@@ -133,8 +134,6 @@ def _toy_factories():
         def _observe(self):
             return {"state": torch.tensor(np.array([d.qpos[:3] for d in self.datas]), dtype=torch.float32)}
 
-    import numpy as np
-
     def cpu_env(task, n, backend="cpu", image_size=None, **_):
         return CpuToy(n, image_size)
 
@@ -168,9 +167,9 @@ def main(argv=None) -> None:
     for n in args.num_envs:
         for size in args.image_sizes:
             cam = {} if size == 0 else {"cameras": ("front",), "image_size": (size, size)}
-            backends = [("warp", lambda: make_warp_env(args.task, n, device=args.device, **cam))]
             if args.task != "toy":  # the state-only rows must include object poses on both backends
-                cam = {**cam, "state_includes_objects": True}
+                cam["state_includes_objects"] = True
+            backends = [("warp", lambda: make_warp_env(args.task, n, device=args.device, **cam))]
             if not args.no_cpu and n <= args.cpu_max_envs and not (args.task == "toy" and size):
                 backends.append(("cpu", lambda: make_env(args.task, n, backend="cpu", **cam)))
             for name, factory in backends:

@@ -26,6 +26,7 @@ CONTROL_HZ = 10.0
 MAX_DELTA = 0.03  # metres per control step at |action| = 1
 WORKSPACE_LOW = (-0.35, -0.4, 0.02)
 WORKSPACE_HIGH = (0.35, 0.4, 0.45)
+_WORKSPACE_LOW, _WORKSPACE_HIGH = np.array(WORKSPACE_LOW), np.array(WORKSPACE_HIGH)
 
 
 _DIVERGENCE_WARNINGS = (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
@@ -234,14 +235,18 @@ class MujocoCPUEnv(BatchedEnv):
             noise = torch.randn(action.shape, generator=self.gen) * self.rand.dynamics.action_noise
             action = (action + noise).clamp(-1.0, 1.0)
         # Action delay: the history holds the last `depth` actions; env i executes the one `delay_i` old.
-        self._action_hist = torch.cat([action[:, None], self._action_hist[:, :-1]], dim=1)
-        executed = self._action_hist[torch.arange(self.num_envs), self._delay].numpy()
+        # Depth 1 (no delay anywhere) is the common case: the history is never read, so skip it.
+        if self._action_hist.shape[1] == 1:
+            executed = action.numpy()
+        else:
+            self._action_hist = torch.cat([action[:, None], self._action_hist[:, :-1]], dim=1)
+            executed = self._action_hist[torch.arange(self.num_envs), self._delay].numpy()
         a = executed.reshape(self.num_envs, -1, 4)
-        lo, hi = np.array(WORKSPACE_LOW), np.array(WORKSPACE_HIGH)
-        grip = (a[:, :, 3] + 1.0) * 0.5 * FINGER_MAX
+        ctrl = np.repeat((a[:, :, 3] + 1.0) * 0.5 * FINGER_MAX, 2, axis=1)  # both fingers of every hand
         for i, d in enumerate(self.datas):
-            d.mocap_pos[self.hand_mocap] = np.clip(d.mocap_pos[self.hand_mocap] + MAX_DELTA * a[i, :, :3], lo, hi)
-            d.ctrl[:] = np.repeat(grip[i], 2)
+            d.mocap_pos[self.hand_mocap] = np.clip(d.mocap_pos[self.hand_mocap] + MAX_DELTA * a[i, :, :3],
+                                                   _WORKSPACE_LOW, _WORKSPACE_HIGH)
+            d.ctrl[:] = ctrl[i]
         # One C call per env runs all substeps. (A thread pool over envs measured slower here: the
         # bindings hold the GIL in mj_step; mujoco.batch is the way to multi-thread, see README.)
         self._physics(range(self.num_envs))

@@ -611,8 +611,11 @@ class TaskWarpEnv(MujocoWarpEnv):
         if self.rand is not None and self.rand.dynamics.action_noise > 0:
             noise = torch.randn(action.shape, generator=self._gen, device=self.device) * self.rand.dynamics.action_noise
             action = (action + noise).clamp(-1.0, 1.0)
-        self._action_hist = torch.cat([action[:, None], self._action_hist[:, :-1]], dim=1)
-        a = self._action_hist[torch.arange(n, device=self.device), self._delay].view(n, -1, 4)
+        if self._action_hist.shape[1] == 1:  # no delay anywhere: the history is never read
+            a = action.view(n, -1, 4)
+        else:
+            self._action_hist = torch.cat([action[:, None], self._action_hist[:, :-1]], dim=1)
+            a = self._action_hist[torch.arange(n, device=self.device), self._delay].view(n, -1, 4)
         mp = v.mocap_pos[:, self.hand_mocap]
         v.mocap_pos[:, self.hand_mocap] = torch.minimum(torch.maximum(mp + cpu.MAX_DELTA * a[:, :, :3], self.ws_lo), self.ws_hi)
         grip = (a[:, :, 3] + 1.0) * 0.5 * cpu.FINGER_MAX

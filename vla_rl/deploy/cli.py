@@ -1,23 +1,5 @@
-"""Argument definitions of ``vla-rl export`` and ``vla-rl serve`` (torch-free, so building the parser is cheap).
-
-Wiring in ``vla_rl/cli.py``::
-
-    def _export(args):
-        from .export import export_main
-        export_main(args)
-
-    def _serve(args):
-        from .deploy.server import serve_main
-        serve_main(args)
-
-    from .deploy.cli import add_export_arguments, add_serve_arguments
-    p = sub.add_parser("export", help="export a policy checkpoint to a torch-free ONNX bundle")
-    add_export_arguments(p)
-    p.set_defaults(func=_export)
-    p = sub.add_parser("serve", help="serve an exported bundle (websocket + msgpack)")
-    add_serve_arguments(p)
-    p.set_defaults(func=_serve)
-"""
+"""Argument definitions of ``vla-rl export`` and ``vla-rl serve``, shared by ``vla_rl/cli.py`` and
+``python -m vla_rl.deploy.server``; torch-free, so building the parser is cheap."""
 
 from __future__ import annotations
 
