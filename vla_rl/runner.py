@@ -118,12 +118,14 @@ class Runner:
         t0 = time.perf_counter()
         use_v = getattr(self.algo, "uses_critic", False)
         n_exec = 0
+        # V(next obs) of one step is V(obs) of the next: the critic runs once per observation.
+        value = pol.value(self.obs) if use_v else torch.zeros(env.num_envs)
         for _ in range(rc.steps_per_iter):
             obs = self.obs
             chain = pol.sample(obs, generator=self.gen)
-            value = pol.value(obs) if use_v else torch.zeros(env.num_envs)
             nobs, reward, term, trunc, info = env.step(chain.actions[:, :pol.cfg.exec_steps])
-            next_value = pol.value(nobs) if use_v else torch.zeros(env.num_envs)
+            value_nobs = pol.value(nobs) if use_v else torch.zeros(env.num_envs)
+            next_value = value_nobs
             if use_v and trunc.any() and "final_obs" in info:
                 fv = pol.value(info["final_obs"])
                 next_value = torch.where(trunc.to(fv.device), fv, next_value)
@@ -132,12 +134,12 @@ class Runner:
                 next_value = torch.where(unstable.to(value.device), value, next_value)
             buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group,
                     unstable)
-            ended = (term | trunc).cpu()
+            ended, ep_len = (term | trunc).cpu(), info["episode_length"].cpu()
             ep["success"] += info["success"].cpu()[ended].float().tolist()
             ep["return"] += info["episode_return"].cpu()[ended].tolist()
-            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
-            n_exec += int(torch.where(ended, info["episode_length"].cpu(), torch.full_like(info["episode_length"].cpu(), pol.cfg.exec_steps)).sum())
-            self.obs = nobs
+            ep["length"] += ep_len[ended].float().tolist()
+            n_exec += int(torch.where(ended, ep_len, pol.cfg.exec_steps).sum())
+            self.obs, value = nobs, value_nobs
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
             self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
         buf.finalize()

@@ -68,6 +68,7 @@ class LanguageEncoder(nn.Module):
         self.kind = kind
         self.buckets = buckets
         self._cache: dict[str, torch.Tensor] = {}
+        self._word_ids: dict[str, list[int]] = {}
         self._minilm = None  # (tokenizer, model), loaded lazily and kept out of state_dict
         if kind == "hash":
             self.embedding = nn.EmbeddingBag(buckets, dim, mode="mean")
@@ -78,8 +79,12 @@ class LanguageEncoder(nn.Module):
 
     # -- hash fallback
     def word_ids(self, text: str) -> list[int]:
-        words = re.findall(r"[a-z0-9]+", text.lower()) or ["<empty>"]
-        return [int(hashlib.md5(w.encode()).hexdigest()[:8], 16) % self.buckets for w in words]
+        ids = self._word_ids.get(text)  # every rollout step re-encodes the same few instructions
+        if ids is None:
+            words = re.findall(r"[a-z0-9]+", text.lower()) or ["<empty>"]
+            ids = self._word_ids[text] = [int(hashlib.md5(w.encode()).hexdigest()[:8], 16) % self.buckets
+                                          for w in words]
+        return ids
 
     # -- MiniLM
     def minilm(self):
