@@ -1,6 +1,7 @@
 """RL algorithms on denoising chains."""
 
 from .dppo import DPPO, DPPOConfig, compute_gae, group_advantages
-from .rwr import RWR, RWRConfig, rwr_weights
+from .rwr import RWR, RWRConfig, episode_ended_later, rwr_weights
 
-__all__ = ["DPPO", "DPPOConfig", "RWR", "RWRConfig", "compute_gae", "group_advantages", "rwr_weights"]
+__all__ = ["DPPO", "DPPOConfig", "RWR", "RWRConfig", "compute_gae", "episode_ended_later", "group_advantages",
+           "rwr_weights"]

@@ -37,11 +37,14 @@ from vla_rl.policy import VLAPolicy
 from vla_rl.runner import Runner, RunnerConfig, TrainConfig
 
 NOISE = {"stochastic_steps": 5, "std_floor": 0.1}
+# RWR regresses on its own samples: an exploration floor above the sampler's std would be learned back
+# and compound (algos/rwr.py), so RWR samples with a small floor, i.e. from the model's own distribution.
+RWR_NOISE = {"stochastic_steps": 5, "std_floor": 0.01}
 
 
 def dppo_config(**kw) -> DPPOConfig:
     # Outcome reward in {0, 1} at the success step; a time-limit cut is a failure (the state has no clock).
-    base = dict(gamma=0.99, gae_lambda=0.95, gamma_denoising=0.99, clip_ploss_coef=0.1, actor_lr=1e-4,
+    base = dict(gamma=0.99, gae_lambda=0.95, gamma_denoising=0.99, actor_lr=1e-4,
                 critic_lr=1e-3, update_epochs=5, num_minibatches=4, n_critic_warmup_itr=2,
                 reward_scale_running=False, bootstrap_truncated=False, max_grad_norm=1.0)
     base.update(kw)
@@ -52,11 +55,11 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
            eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    policy = VLAPolicy.from_pretrained(pol_dir, noise=NOISE)
+    policy = VLAPolicy.from_pretrained(pol_dir, noise=RWR_NOISE if algo == "rwr" else NOISE)
     per_iter = num_envs * steps_per_iter * policy.cfg.exec_steps
     iters = max(1, budget // per_iter)
     cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": lr or 3e-5, **(dppo_overrides or {})}),
-                      rwr=RWRConfig(lr=lr or 1e-4, beta=2.0, update_epochs=4),
+                      rwr=RWRConfig(lr=lr or 1e-5, beta=2.0, update_epochs=4),
                       runner=RunnerConfig(iterations=iters, num_envs=num_envs, steps_per_iter=steps_per_iter,
                                           group_size=group_size,
                                           eval_every=0, checkpoint_every=0, seed=seed, resume=False, progress=False,
@@ -86,14 +89,16 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
         if r.iteration % 5 == 0:
             print(f"{algo} s{seed} it {r.iteration}/{iters} steps {r.env_steps} "
                   f"train_succ {curve[-1][1] if curve else float('nan'):.2f} "
-                  f"ev {st.get('explained_variance', float('nan')):.2f} kl {st.get('approx_kl', 0):.4f} "
+                  f"ev {st.get('explained_variance', float('nan')):.2f} kl {st.get('approx_kl', 0):.4f} clip {st.get('clip_frac', 0):.2f} "
                   f"t {time.time() - t0:.0f}s", flush=True)
     train_time = time.time() - t0 - t_eval
     r.policy.save_pretrained(out / f"{algo}_s{seed}" / "final")
     ev = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, seed=seed + 100)
     ecurve.append((r.env_steps, ev["success_rate"], eval_episodes))
-    return {"success": ev["success_rate"], "ci95": ev["success_ci95"], "curve": ecurve, "train_curve": curve,
-            "env_steps": r.env_steps, "train_time_s": train_time}
+    det = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, deterministic=True, seed=seed + 100)
+    print(f"{algo} s{seed} final: sampled {ev['success_rate']:.3f}, deterministic {det['success_rate']:.3f}", flush=True)
+    return {"success": ev["success_rate"], "ci95": ev["success_ci95"], "success_deterministic": det["success_rate"],
+            "curve": ecurve, "train_curve": curve, "env_steps": r.env_steps, "train_time_s": train_time}
 
 
 def _task_onehot(instruction: str):
@@ -193,9 +198,12 @@ def cmd_run(a):
         res = sb3_run(a.task, a.budget, a.seed, a.eval_episodes, a.threads)
     elif a.algo == "pretrained":
         torch.set_num_threads(a.threads)
-        ev = evaluate(VLAPolicy.from_pretrained(a.pretrained, noise=NOISE), make_env(a.task, 16, seed=a.seed + 100),
-                      a.eval_episodes, seed=a.seed + 100)
-        res = {"success": ev["success_rate"], "ci95": ev["success_ci95"], "curve": [], "env_steps": 0}
+        policy = VLAPolicy.from_pretrained(a.pretrained, noise=NOISE)
+        ev = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, seed=a.seed + 100)
+        det = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, deterministic=True,
+                       seed=a.seed + 100)
+        res = {"success": ev["success_rate"], "ci95": ev["success_ci95"], "success_deterministic": det["success_rate"],
+               "curve": [], "env_steps": 0}
     else:
         res = rl_run(a.algo, a.pretrained, a.task, a.budget, a.seed, a.num_envs, a.steps_per_iter, out,
                      a.eval_episodes, a.threads, lr=a.lr, dppo_overrides=_overrides(a.dppo),
@@ -287,7 +295,7 @@ def main():
     r.add_argument("--steps-per-iter", type=int, default=10, help="decisions per env per iteration")
     r.add_argument("--eval-episodes", type=int, default=64)
     r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--lr", type=float, default=None, help="DPPO actor lr (default 3e-5) / RWR lr (default 1e-4)")
+    r.add_argument("--lr", type=float, default=None, help="DPPO actor lr (default 3e-5) / RWR lr (default 1e-5)")
     r.add_argument("--dppo", nargs="*", default=[], metavar="KEY=VALUE", help="DPPOConfig overrides")
     r.add_argument("--group-size", type=int, default=0, help="envs per group of identical starts (advantage=group)")
     r.add_argument("--tag", default="", help="suffix of the result file (variants of one algo)")

@@ -163,6 +163,12 @@ class BatchedEnv(abc.ABC):
             ended |= newly
             if bool(ended.all()):
                 break
+        info = self._end_step(reward, ended, success, unstable, final_obs)
+        return self._observe(), reward, terminated, truncated, info
+
+    def _end_step(self, reward, ended, success, unstable, final_obs: Obs | None, reset_ended: bool = True) -> dict:
+        """The tail every backend's ``step`` shares: episode bookkeeping, the info dict, and the reset of
+        ended envs (``reset_ended=False`` where the simulator already reset them itself)."""
         self.episode_return += reward
         info = {
             "success": success,
@@ -175,10 +181,11 @@ class BatchedEnv(abc.ABC):
             info["final_obs"] = final_obs
         if ended.any():
             ids = ended.nonzero(as_tuple=False).squeeze(-1)
-            self._reset_envs(ids)
+            if reset_ended:
+                self._reset_envs(ids)
             self.episode_step[ids] = 0
             self.episode_return[ids] = 0.0
-        return self._observe(), reward, terminated, truncated, info
+        return info
 
     # ------------------------------------------------------------------ helpers
     def _check_action(self, action) -> torch.Tensor:

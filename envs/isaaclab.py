@@ -311,20 +311,9 @@ class IsaacLabEnv(BatchedEnv):
             ended |= newly
             if bool(ended.all()):
                 break
-        self.episode_return += reward
-        info = {
-            "success": success,
-            "unstable": torch.zeros_like(ended),
-            "episode_return": torch.where(ended, self.episode_return, torch.zeros_like(reward)),
-            "episode_length": torch.where(ended, self.episode_step, torch.zeros_like(self.episode_step)),
-            "isaaclab_extras": extras,
-        }
-        if final_obs is not None:
-            info["final_obs"] = final_obs
-        if ended.any():
-            ids = ended.nonzero(as_tuple=False).squeeze(-1)
-            self.episode_step[ids] = 0
-            self.episode_return[ids] = 0.0
+        # Isaac Lab reset its ended envs itself (and the loop above reset the ones it did not end).
+        info = self._end_step(reward, ended, success, torch.zeros_like(ended), final_obs, reset_ended=False)
+        info["isaaclab_extras"] = extras
         return self._observe(), reward, terminated, truncated, info
 
 
@@ -353,8 +342,13 @@ def make_isaaclab_env(
     Sets ``compute_final_obs = True`` so success callables and ``final_obs`` see pre-reset observations.
     """
     import gymnasium as gym
-    import isaaclab_tasks  # noqa: F401  (registers the Isaac-* ids)
-    from isaaclab_tasks.utils import parse_env_cfg
+    try:
+        import isaaclab_tasks  # noqa: F401  (registers the Isaac-* ids)
+        from isaaclab_tasks.utils import parse_env_cfg
+    except ImportError as e:
+        raise EnvError(f"make_isaaclab_env({task!r}) needs Isaac Lab (isaaclab and isaaclab_tasks), which is not "
+                       f"importable here ({e}); install it in this environment (README: Isaac Lab) or wrap an "
+                       "env you built yourself with IsaacLabEnv(env)") from e
 
     env_cfg = parse_env_cfg(task, device=device, num_envs=num_envs, overrides=tuple(overrides))
     env_cfg.compute_final_obs = True

@@ -19,7 +19,7 @@ import torch
 
 from . import randomization as rnd
 from .base import BatchedEnv, EnvError, EnvSpec, Obs
-from .tasks import Task, TaskState
+from .tasks import Task, TaskState, task_observation
 from .tasks.scene import COLORS, FINGER_MAX, FINGER_PAD, NUM_TABLE_TEXTURES, TIMESTEP
 
 CONTROL_HZ = 10.0
@@ -285,17 +285,10 @@ class MujocoCPUEnv(BatchedEnv):
         return torch.from_numpy(self._bad.copy()).to(self.device)
 
     def _observe(self) -> Obs:
-        n = self.num_envs
-        proprio = torch.cat([self.tcp, self.gap[..., None]], dim=-1).reshape(n, -1)
-        privileged = torch.cat([self.obj_pos.reshape(n, -1), self.cont_pos.reshape(n, -1)], dim=-1)
-        state = torch.cat([proprio, privileged], -1) if self.state_includes_objects else proprio
-        if self.rand is not None and self.rand.dynamics.obs_noise > 0:
-            state = state + torch.randn(state.shape, generator=self.gen) * self.rand.dynamics.obs_noise
-        obs = {
-            "state": torch.nan_to_num(state).to(self.device),
-            "privileged": torch.nan_to_num(privileged).to(self.device),
-            "instruction": list(self.instructions),
-        }
+        noise = self.rand.dynamics.obs_noise if self.rand is not None else 0.0
+        s = TaskState(self.obj_pos, self.cont_pos, self.tcp, self.gap)  # host tensors: the noise stream stays on CPU
+        obs = task_observation(s, self.instructions, self.state_includes_objects, noise, self.gen)
+        obs["state"], obs["privileged"] = obs["state"].to(self.device), obs["privileged"].to(self.device)
         if self.cameras:
             obs["rgb"] = self.render().to(self.device)
         return obs

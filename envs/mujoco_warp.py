@@ -637,15 +637,10 @@ class TaskWarpEnv(MujocoWarpEnv):
         return self.task.success(s, self.episode).to(self.device) & torch.isfinite(s.obj_pos).all(-1).all(-1)
 
     def _observe(self) -> Obs:
-        n = self.num_envs
-        s = self.task_state()
-        proprio = torch.cat([s.tcp, s.gap[..., None]], dim=-1).reshape(n, -1)
-        privileged = torch.cat([s.obj_pos.reshape(n, -1), s.container_pos.reshape(n, -1)], dim=-1)
-        state = torch.cat([proprio, privileged], -1) if self.state_includes_objects else proprio
-        if self.rand is not None and self.rand.dynamics.obs_noise > 0:
-            state = state + torch.randn(state.shape, generator=self._gen, device=self.device) * self.rand.dynamics.obs_noise
-        obs = {"state": torch.nan_to_num(state), "privileged": torch.nan_to_num(privileged),
-               "instruction": list(self._instructions)}
+        from .tasks import task_observation
+
+        noise = self.rand.dynamics.obs_noise if self.rand is not None else 0.0
+        obs = task_observation(self.task_state(), self._instructions, self.state_includes_objects, noise, self._gen)
         if self.cameras:
             obs["rgb"] = self.render()
         return obs

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from vla_rl.algos import DPPO, DPPOConfig, compute_gae, group_advantages, rwr_weights
+from vla_rl.algos import DPPO, DPPOConfig, compute_gae, episode_ended_later, group_advantages, rwr_weights
 from vla_rl.policy import VLAPolicy
 from vla_rl.policy.vla import Chain
 
@@ -16,16 +17,20 @@ torch.set_num_threads(1)
 
 
 class StubPolicy(nn.Module):
-    def __init__(self, new_logp, values):
+    """log_prob returns fixed values: [B, K'] joint, or [B, K', H, A] per coordinate."""
+
+    def __init__(self, new_logp, values, exec_steps=1):
         super().__init__()
         self.new_logp, self.values = new_logp, values
         self.w = nn.Parameter(torch.zeros(1))
         self.critic = nn.Linear(1, 1)
+        self.cfg = type("Cfg", (), {"exec_steps": exec_steps})
 
     def actor_parameters(self):
         return [self.w]
 
-    def log_prob(self, obs, chain):
+    def log_prob(self, obs, chain, per_dim=False):
+        assert per_dim == (self.new_logp.dim() == 4)
         return self.new_logp
 
     def value(self, obs):
@@ -35,7 +40,8 @@ class StubPolicy(nn.Module):
 def test_dppo_loss_hand_computed():
     new = torch.log(torch.tensor([[1.5, 0.5], [1.05, 0.7]]))
     pol = StubPolicy(new, torch.tensor([0.5, 0.0]))
-    algo = DPPO(pol, DPPOConfig(clip_ploss_coef=0.2, gamma_denoising=0.5, norm_adv=False, freeze_early_steps=False))
+    algo = DPPO(pol, DPPOConfig(clip_ploss_coef=0.2, clip_ploss_coef_base=0.2, gamma_denoising=0.5, norm_adv=False,
+                                freeze_early_steps=False, logprob="joint"))
     chain = Chain(torch.zeros(2, 1, 1), torch.zeros(2, 3, 1, 1), torch.zeros(2, 2))
     total, pg, vl, bc, st = algo.loss({}, chain, torch.zeros(2, 2), torch.tensor([1.0, -1.0]),
                                       torch.tensor([1.0, 1.0]), torch.zeros(2))
@@ -47,22 +53,55 @@ def test_dppo_loss_hand_computed():
     assert math.isclose(total.item(), pg.item() + 0.5 * vl.item(), rel_tol=1e-6)
 
 
+def test_mean_executed_log_prob_by_hand():
+    # 1 decision, K' = 1, chunk H = 3 x A = 2, 2 executed actions: the ratio uses the mean of the
+    # executed coordinates' log-densities, each clamped to [-5, 2]; the third (unexecuted) row is ignored.
+    per_dim = torch.tensor([[[[0.5, -7.0], [3.0, 0.1], [100.0, 100.0]]]])
+    pol = StubPolicy(per_dim, torch.zeros(1), exec_steps=2)
+    algo = DPPO(pol, DPPOConfig(freeze_early_steps=False))
+    lp = algo.transition_log_prob({}, None)
+    assert lp.shape == (1, 1)
+    assert math.isclose(lp.item(), (0.5 - 5.0 + 2.0 + 0.1) / 4, rel_tol=1e-6)
+    # The joint form is the policy's own [B, K'] log-likelihood, untouched.
+    joint = DPPO(StubPolicy(torch.tensor([[-40.0]]), torch.zeros(1)), DPPOConfig(logprob="joint", freeze_early_steps=False))
+    assert joint.transition_log_prob({}, None).item() == -40.0
+    with pytest.raises(ValueError, match="logprob"):
+        DPPO(pol, DPPOConfig(logprob="sum", freeze_early_steps=False))
+
+
 def test_clip_varies_along_chain():
-    algo = DPPO(StubPolicy(None, None), DPPOConfig(clip_ploss_coef=0.2, clip_ploss_coef_rate=0.5,
-                                                   freeze_early_steps=False))
-    assert torch.allclose(algo.clip_coefs(3, "cpu"), torch.tensor([0.05, 0.1, 0.2]))
+    # DPPO's schedule: base at the first fine-tuned transition, rising as (e^(rate t) - 1) / (e^rate - 1).
+    algo = DPPO(StubPolicy(None, None), DPPOConfig(clip_ploss_coef=0.2, clip_ploss_coef_base=0.02,
+                                                   clip_ploss_coef_rate=3.0, freeze_early_steps=False))
+    mid = 0.02 + 0.18 * (math.exp(1.5) - 1) / (math.exp(3.0) - 1)
+    assert torch.allclose(algo.clip_coefs(3, "cpu"), torch.tensor([0.02, mid, 0.2]))
+    flat = DPPO(StubPolicy(None, None), DPPOConfig(clip_ploss_coef=0.1, clip_ploss_coef_base=0.1, freeze_early_steps=False))
+    assert torch.allclose(flat.clip_coefs(4, "cpu"), torch.full((4,), 0.1))
 
 
 def test_ratio_is_one_before_update():
     torch.manual_seed(0)
     pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
-    DPPO(pol, DPPOConfig())  # freezes the early steps, as in training
+    algo = DPPO(pol, DPPOConfig())  # freezes the early steps, as in training
     obs, _ = toy_demos(16, 4)
     with torch.no_grad():
         chain = pol.sample(obs)
         lp = pol.log_prob(obs, chain)
+        per_dim = pol.log_prob(obs, chain, per_dim=True)
     assert chain.log_prob.shape == (16, 3)
     assert torch.allclose(lp, chain.log_prob, atol=1e-5)
+    assert per_dim.shape == (16, 3, pol.cfg.horizon, pol.cfg.action_dim)
+    assert torch.allclose(per_dim.sum((-1, -2)), chain.log_prob, atol=1e-4)
+    # The update's first ratio, in the published mean-over-executed form, is exactly 1 too.
+    from vla_rl.rollout import RolloutBuffer
+    buf = RolloutBuffer(1, 16)
+    buf.add(obs, chain, torch.zeros(16), torch.zeros(16), torch.zeros(16), torch.zeros(16), torch.zeros(16))
+    buf.finalize()
+    flat = buf.flatten(torch.zeros(1, 16), torch.zeros(1, 16))
+    old = algo.old_log_probs(buf, flat)
+    with torch.no_grad():
+        new = algo.transition_log_prob(RolloutBuffer.index_obs(flat, torch.arange(16)), flat["chain"])
+    assert torch.equal((new - old).exp(), torch.ones(16, 3))
 
 
 def gae_reference(rewards, values, next_values, terminated, truncated, gamma, lam):
@@ -111,6 +150,30 @@ def test_rwr_weights():
     assert w.max().item() == 2.0
     w2 = rwr_weights(r, beta=0.5, max_weight=100.0, normalize=False)
     assert torch.allclose(w2, torch.exp(0.5 * r))
+
+
+def test_rwr_leaves_out_decisions_of_unfinished_episodes():
+    # env 0 ends at t=1 (success), env 1 ends at t=0 (failure) then runs on past the rollout's end.
+    dones = torch.tensor([[False, True], [True, False], [False, False]])
+    known = episode_ended_later(dones)
+    assert known.tolist() == [[True, True], [True, False], [False, False]]
+    from vla_rl.algos import RWR, RWRConfig
+    from vla_rl.rollout import RolloutBuffer
+
+    torch.manual_seed(0)
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+    obs, _ = toy_demos(2, 4)
+    buf = RolloutBuffer(3, 2)
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    with torch.no_grad():
+        for t in range(3):
+            buf.add(obs, pol.sample(obs), rewards[t], dones[t], torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    buf.finalize()
+    stats = RWR(pol, RWRConfig(update_epochs=1, num_minibatches=1)).update(buf)
+    assert stats["skipped"] == 0.0 and math.isclose(stats["known_fraction"], 3 / 6)
+    # Known returns 1, 1 (env 0) and 0 (env 1): normalized (1, 1, 0) -> weights exp(2 z), the largest clipped at 20.
+    z = (torch.tensor([1.0, 1.0, 0.0]) - 2 / 3) / torch.tensor([1.0, 1.0, 0.0]).std()
+    assert math.isclose(stats["weight_max"], torch.exp(2 * z).max().item(), rel_tol=1e-5)
 
 
 def test_group_advantage_updates_actor_despite_critic_warmup(tmp_path):

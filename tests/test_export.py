@@ -180,3 +180,34 @@ def test_minilm_bundle_matches_pytorch(tmp_path):
         ref_lang = policy.language(texts).numpy()
     assert np.abs(rt.embed(texts) - ref_lang).max() <= 1e-5
     assert np.abs(runtime_actions(rt, obs, noise) - ref).max() <= TOL
+
+
+def test_fine_tuned_policy_reloads_and_exports_with_its_frozen_early_head(tmp_path):
+    """DPPO freezes the head of the early (deterministic) steps; after fine-tuning moves the other head,
+    the saved, reloaded and exported policy must sample exactly as the trained one did."""
+    policy = tiny_policy(stochastic_steps=2, sample_steps=5)
+    pretrained_head = copy.deepcopy(policy.head)
+    policy.freeze_early_steps()
+    assert policy.cfg.early_head and not any(p.requires_grad for p in policy.early_head.parameters())
+    assert not any(p is q for p in policy.actor_parameters() for q in policy.early_head.parameters())
+    with torch.no_grad():  # "fine-tuning" moves the trained head only
+        for p in policy.head.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    policy.freeze_early_steps()  # idempotent: a resumed run keeps the pretrained early head
+    for a, b in zip(policy.early_head.parameters(), pretrained_head.parameters()):
+        assert torch.equal(a, b)
+    obs, noise = random_obs(policy, 3)
+    reloaded = VLAPolicy.from_pretrained(policy.save_pretrained(tmp_path / "policy")).eval()
+    with torch.no_grad():
+        for deterministic in (False, True):
+            ref = policy.sample(obs, deterministic=deterministic, noise=noise).actions
+            torch.testing.assert_close(reloaded.sample(obs, deterministic=deterministic, noise=noise).actions, ref,
+                                       atol=1e-6, rtol=0)
+        # The early head matters: without it the same noise gives other actions.
+        plain = copy.deepcopy(policy)
+        plain.early_head = None
+        assert (plain.sample(obs, noise=noise).actions - policy.sample(obs, noise=noise).actions).abs().max() > 1e-3
+    rt = PolicyRuntime.load(export_bundle(reloaded, tmp_path / "bundle"))
+    with torch.no_grad():
+        ref = policy.sample(obs, noise=noise).actions.numpy()
+    assert np.abs(runtime_actions(rt, obs, noise) - ref).max() <= TOL

@@ -28,7 +28,8 @@ def test_dppo_fixes_the_wrong_mode(tmp_path):
     # bootstrap_truncated=False. Outcome rewards are already in [0, 1]: no running reward scaling.
     cfg = TrainConfig(algo="dppo",
                       dppo=DPPOConfig(actor_lr=1e-3, critic_lr=3e-3, update_epochs=10, num_minibatches=1,
-                                      clip_ploss_coef=0.2, gamma_denoising=0.9, bootstrap_truncated=False,
+                                      clip_ploss_coef=0.2, clip_ploss_coef_base=0.2, gamma_denoising=0.9,
+                                      bootstrap_truncated=False,
                                       reward_scale_running=False),
                       runner=RunnerConfig(iterations=45, num_envs=128, steps_per_iter=1, eval_every=0,
                                           checkpoint_every=0, seed=0, log_dir=str(tmp_path / "run"), progress=False))

@@ -38,6 +38,23 @@ class Episode:
 COLOR_NAMES = list(COLORS)
 
 
+def task_observation(s: TaskState, instructions: list[str], include_objects: bool, obs_noise: float = 0.0,
+                     generator: torch.Generator | None = None) -> dict:
+    """The built-in tasks' observation, the same on every backend: ``state`` = per hand (tcp xyz, finger
+    gap), then (``include_objects``) object and container positions, plus ``obs_noise`` Gaussian noise
+    drawn from ``generator`` (on its device); ``privileged`` = the noise-free object and container
+    positions (critic only); ``instruction``."""
+    n = s.tcp.shape[0]
+    proprio = torch.cat([s.tcp, s.gap[..., None]], dim=-1).reshape(n, -1)
+    privileged = torch.cat([s.obj_pos.reshape(n, -1), s.container_pos.reshape(n, -1)], dim=-1)
+    state = torch.cat([proprio, privileged], -1) if include_objects else proprio
+    if obs_noise > 0:
+        device = generator.device if generator is not None else state.device
+        state = state + torch.randn(state.shape, generator=generator, device=device).to(state.device) * obs_noise
+    return {"state": torch.nan_to_num(state), "privileged": torch.nan_to_num(privileged),
+            "instruction": list(instructions)}
+
+
 def _slots(gen, n, base_xy, jitter):
     """Randomly permute fixed slots among items and jitter them: [n, k, 2]."""
     base = torch.tensor(base_xy, dtype=torch.float32)

@@ -49,6 +49,11 @@ class PolicyConfig:
     fusion_layers: int = 2
     dit: DiTConfig = field(default_factory=DiTConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    # A second, frozen DiT head that runs the deterministic early denoising steps (the ones before the
+    # last noise.stochastic_steps). DPPO's freeze_early_steps sets it (a copy of the pretrained head) so
+    # that fine-tuning moves only the fine-tuned steps; it is saved with the weights, so a reloaded,
+    # resumed or exported policy samples exactly as the trained one did.
+    early_head: bool = False
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     critic_privileged: bool = True  # the critic may see privileged simulator state
     critic_images: bool = False

@@ -97,9 +97,11 @@ class VLAPolicy(nn.Module):
                                                activation="gelu", batch_first=True, norm_first=True)
             self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
         self.head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon)
+        self.early_head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon) if cfg.early_head else None
+        if self.early_head is not None:
+            self.early_head.requires_grad_(False)
         self.critic = Critic(cfg, self.language.out_dim)
         self.noise = make_noise_process(cfg.noise)
-        self._frozen: list[VLAPolicy] = []  # frozen copy for the deterministic early steps (DPPO)
 
     # ------------------------------------------------------------------ observations
     def check_obs(self, obs: dict, for_critic: bool = False) -> int:
@@ -154,16 +156,22 @@ class VLAPolicy(nn.Module):
         return self.noise.stochastic_indices
 
     def freeze_early_steps(self) -> None:
-        """Run the deterministic early denoising steps with a frozen copy of the current weights.
+        """Run the deterministic early denoising steps with a frozen copy of the current head.
 
-        DPPO fine-tunes only the last K' transitions; keeping the earlier ones fixed keeps the state
-        distribution at the start of the fine-tuned window the same as when it was sampled.
+        DPPO fine-tunes only the last K' transitions; a frozen head for the earlier ones keeps the chunk
+        at the start of the fine-tuned window where the pretrained policy put it. The observation
+        encoders and trunk stay shared. Idempotent: a policy that already has its early head (e.g. a
+        resumed checkpoint) keeps it, so resuming does not re-freeze at fine-tuned weights.
         """
-        frozen = copy.deepcopy(self).eval()
-        frozen._frozen = []
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        self._frozen = [frozen]
+        if self.early_head is None:
+            self.early_head = copy.deepcopy(self.head).requires_grad_(False)
+            self.cfg.early_head = True
+
+    def head_for_step(self, k: int) -> nn.Module:
+        """The DiT head that runs denoising step k (the frozen early head before the stochastic window)."""
+        if self.early_head is not None and k < self.stochastic_indices[0]:
+            return self.early_head
+        return self.head
 
     def sample(self, obs: dict, deterministic: bool = False, generator=None, noise: torch.Tensor | None = None) -> Chain:
         """Draw an action chunk. ``noise`` [B, K+1, H, A] fixes x_0 and every step's Gaussian draw."""
@@ -175,17 +183,12 @@ class VLAPolicy(nn.Module):
         elif tuple(noise.shape) != (b, K + 1, H, A):
             raise ObservationError(f"noise must be [{b}, {K + 1}, {H}, {A}], got {tuple(noise.shape)}")
         stochastic = set() if deterministic else set(self.stochastic_indices)
-        early_cond = None
         x = noise[:, 0]
         latents, log_probs = [], []
         for k in range(K):
             kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
             is_stoch = k in stochastic
-            model = self
-            if self._frozen and k < self.stochastic_indices[0]:
-                model = self._frozen[0]
-                early_cond = model.encode(obs) if early_cond is None else early_cond
-            out = model.head(x, self.noise.model_time(kk), early_cond if model is not self else cond)
+            out = self.head_for_step(k)(x, self.noise.model_time(kk), cond)
             mean, std = self.noise.transition(out, x, kk, is_stoch)
             if is_stoch:
                 latents.append(x)
@@ -199,8 +202,9 @@ class VLAPolicy(nn.Module):
         log_prob = torch.stack(log_probs, 1) if log_probs else torch.zeros(b, 0, device=cond.device)
         return Chain(actions=actions, latents=torch.stack(latents, 1), log_prob=log_prob)
 
-    def log_prob(self, obs: dict, chain: Chain) -> torch.Tensor:
-        """Log-likelihood [B, K'] of each stochastic transition in ``chain`` under the current weights."""
+    def log_prob(self, obs: dict, chain: Chain, per_dim: bool = False) -> torch.Tensor:
+        """Log-likelihood [B, K'] of each stochastic transition in ``chain`` under the current weights;
+        ``per_dim=True``: the per-coordinate Gaussian log-densities [B, K', H, A] (they sum to it)."""
         idx = self.stochastic_indices
         b, n = chain.latents.shape[0], len(idx)
         if chain.latents.shape[1] != n + 1:
@@ -211,7 +215,8 @@ class VLAPolicy(nn.Module):
         k = torch.tensor(idx, device=cond.device).repeat(b)
         out = self.head(x_in, self.noise.model_time(k), cond.repeat_interleave(n, 0))
         mean, std = self.noise.transition(out, x_in, k, stochastic=True)
-        return gaussian_log_prob(x_out, mean, std).view(b, n)
+        lp = gaussian_log_prob(x_out, mean, std, reduce=not per_dim)
+        return lp.view(b, n, *lp.shape[1:])
 
     def value(self, obs: dict) -> torch.Tensor:
         self.check_obs(obs, for_critic=True)
@@ -249,7 +254,7 @@ class VLAPolicy(nn.Module):
         return (err * mask).sum() / mask.sum().clamp(min=1)
 
     def actor_parameters(self):
-        return [p for name, p in self.named_parameters() if not name.startswith("critic.")]
+        return [p for name, p in self.named_parameters() if not name.startswith(("critic.", "early_head."))]
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path, extra: dict | None = None) -> Path:
@@ -293,9 +298,9 @@ class VLAPolicy(nn.Module):
         return policy.to(device)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2) summed over the chunk (H) and action (A) dims."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """log N(x; mean, std^2) summed over the chunk (H) and action (A) dims (``reduce=False``: per coordinate)."""
     std = std.expand_as(mean)
     var = std**2
     lp = -((x - mean) ** 2) / (2 * var) - std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device))
-    return lp.sum((-1, -2))
+    return lp.sum((-1, -2)) if reduce else lp
