@@ -36,8 +36,8 @@ class DPPOConfig:
     # whole chunk. "mean_executed" (the published DPPO code): per-coordinate Gaussian log-densities,
     # clamped to [logprob_min, logprob_max], of the executed actions only, averaged -- the clip then
     # bounds a per-coordinate change and the never-executed tail of the chunk adds no gradient noise.
-    # On `place` (3 seeds, 200k env steps) it ended 3-7 points below "joint" on every seed
-    # (BENCHMARKS.md), hence the default.
+    # On `place` (3 seeds, 200k env steps) neither form beat the other beyond noise (BENCHMARKS.md);
+    # "joint" stays the default as the exact likelihood.
     logprob: str = "joint"
     logprob_min: float = -5.0
     logprob_max: float = 2.0
@@ -68,6 +68,9 @@ class DPPOConfig:
     bootstrap_truncated: bool = False
     advantage: str = "gae"  # "gae" (critic) or "group" (critic-free, group/instruction-relative outcome)
     freeze_early_steps: bool = True  # the deterministic early steps run with frozen pretrained weights
+    # False: fine-tune only the action head (the DiT over the chunk); the observation encoders and trunk
+    # (the "VLM" part) stay at their pretrained weights, as when RL fine-tunes only a VLA's action expert.
+    train_encoders: bool = True
 
 
 class RunningMeanStd:
@@ -165,7 +168,11 @@ class DPPO:
             self.pretrained = copy.deepcopy(policy).eval()
             for p in self.pretrained.parameters():
                 p.requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(policy.actor_parameters(), lr=cfg.actor_lr)
+        self.actor_params = policy.actor_parameters() if cfg.train_encoders else list(policy.head.parameters())
+        head = {id(p) for p in self.actor_params}
+        for p in policy.actor_parameters():  # no gradients computed for what is not trained
+            p.requires_grad_(id(p) in head)
+        self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
         self.reward_scaler = RunningRewardScaler(cfg.gamma)
         self.iteration = 0
@@ -286,7 +293,7 @@ class DPPO:
                 self.actor_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 total.backward()
-                nn.utils.clip_grad_norm_(self.policy.actor_parameters(), cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
                 nn.utils.clip_grad_norm_(self.policy.critic.parameters(), cfg.max_grad_norm)
                 if not critic_only:
                     self.actor_opt.step()

@@ -246,16 +246,17 @@ def cmd_report(a):
         rows.setdefault(r["algo"], []).append(r)
     names = {"pretrained": "BC pretrained (few demos)", "dppo": "DPPO fine-tune", "rwr": "RWR fine-tune",
              "sb3": "SB3 PPO, Gaussian MLP from scratch"}
-    lines = ["| method | env steps | seeds | success median | min-max | per seed | wall (train) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | env steps | seeds | success median | min-max | per seed | deterministic per seed | wall (train) |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in ("pretrained", "dppo", "rwr", "sb3"):
         if k not in rows:
             continue
         rs = sorted(rows[k], key=lambda r: r["seed"])
         s = [r["success"] for r in rs]
         wall = ", ".join(f"{r.get('train_time_s', 0) / 60:.1f} min" for r in rs)
+        det = ", ".join(f"{r['success_deterministic']:.2f}" if "success_deterministic" in r else "-" for r in rs)
         lines.append(f"| {names[k]} | {rs[0]['env_steps']} | {len(rs)} | {statistics.median(s):.2f} | "
-                     f"{min(s):.2f}-{max(s):.2f} | {', '.join(f'{x:.2f}' for x in s)} | {wall} |")
+                     f"{min(s):.2f}-{max(s):.2f} | {', '.join(f'{x:.2f}' for x in s)} | {det} | {wall} |")
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

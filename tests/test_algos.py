@@ -58,7 +58,7 @@ def test_mean_executed_log_prob_by_hand():
     # executed coordinates' log-densities, each clamped to [-5, 2]; the third (unexecuted) row is ignored.
     per_dim = torch.tensor([[[[0.5, -7.0], [3.0, 0.1], [100.0, 100.0]]]])
     pol = StubPolicy(per_dim, torch.zeros(1), exec_steps=2)
-    algo = DPPO(pol, DPPOConfig(freeze_early_steps=False))
+    algo = DPPO(pol, DPPOConfig(logprob="mean_executed", freeze_early_steps=False))
     lp = algo.transition_log_prob({}, None)
     assert lp.shape == (1, 1)
     assert math.isclose(lp.item(), (0.5 - 5.0 + 2.0 + 0.1) / 4, rel_tol=1e-6)
@@ -79,10 +79,11 @@ def test_clip_varies_along_chain():
     assert torch.allclose(flat.clip_coefs(4, "cpu"), torch.full((4,), 0.1))
 
 
-def test_ratio_is_one_before_update():
+@pytest.mark.parametrize("logprob", ["joint", "mean_executed"])
+def test_ratio_is_one_before_update(logprob):
     torch.manual_seed(0)
     pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
-    algo = DPPO(pol, DPPOConfig())  # freezes the early steps, as in training
+    algo = DPPO(pol, DPPOConfig(logprob=logprob))  # freezes the early steps, as in training
     obs, _ = toy_demos(16, 4)
     with torch.no_grad():
         chain = pol.sample(obs)
@@ -92,7 +93,7 @@ def test_ratio_is_one_before_update():
     assert torch.allclose(lp, chain.log_prob, atol=1e-5)
     assert per_dim.shape == (16, 3, pol.cfg.horizon, pol.cfg.action_dim)
     assert torch.allclose(per_dim.sum((-1, -2)), chain.log_prob, atol=1e-4)
-    # The update's first ratio, in the published mean-over-executed form, is exactly 1 too.
+    # The update's first ratio (old log-probs as the update computes them) is exactly 1.
     from vla_rl.rollout import RolloutBuffer
     buf = RolloutBuffer(1, 16)
     buf.add(obs, chain, torch.zeros(16), torch.zeros(16), torch.zeros(16), torch.zeros(16), torch.zeros(16))
@@ -193,3 +194,21 @@ def test_group_advantage_updates_actor_despite_critic_warmup(tmp_path):
     assert runner.algo.compute_advantages(buf)[0].abs().sum() > 0
     runner.algo.update(buf)
     assert any(not torch.equal(a, p) for a, p in zip(before, policy.head.parameters()))
+
+
+def test_train_encoders_false_moves_only_the_action_head(tmp_path):
+    from vla_rl.envs.toy import ToyGoalEnv
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    from toy_utils import pretrain_toy
+
+    policy = pretrain_toy(steps=50, seed=0)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=False, actor_lr=1e-2, update_epochs=1),
+                      runner=RunnerConfig(iterations=2, num_envs=16, steps_per_iter=1, eval_every=0, checkpoint_every=0,
+                                          log_dir=str(tmp_path / "run"), progress=False))
+    Runner(cfg, policy=policy, env=ToyGoalEnv(16, seed=0)).train()
+    after = policy.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("head.") for k in moved)
+    assert all(k.startswith(("head.", "critic.")) for k in moved), sorted(moved)
