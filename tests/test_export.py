@@ -185,6 +185,9 @@ def test_minilm_bundle_matches_pytorch(tmp_path):
 def test_fine_tuned_policy_reloads_and_exports_with_its_frozen_early_head(tmp_path):
     """DPPO freezes the head of the early (deterministic) steps; after fine-tuning moves the other head,
     the saved, reloaded and exported policy must sample exactly as the trained one did."""
+    every_step_trained = tiny_policy(stochastic_steps=5, sample_steps=5)
+    every_step_trained.freeze_early_steps()
+    assert every_step_trained.early_head is None and not every_step_trained.cfg.early_head
     policy = tiny_policy(stochastic_steps=2, sample_steps=5)
     pretrained_head = copy.deepcopy(policy.head)
     policy.freeze_early_steps()

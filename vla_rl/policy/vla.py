@@ -163,7 +163,7 @@ class VLAPolicy(nn.Module):
         encoders and trunk stay shared. Idempotent: a policy that already has its early head (e.g. a
         resumed checkpoint) keeps it, so resuming does not re-freeze at fine-tuned weights.
         """
-        if self.early_head is None:
+        if self.early_head is None and self.stochastic_indices[0] > 0:  # K' = K: no early steps to freeze
             self.early_head = copy.deepcopy(self.head).requires_grad_(False)
             self.cfg.early_head = True
 
