@@ -169,9 +169,9 @@ class DPPO:
             for p in self.pretrained.parameters():
                 p.requires_grad_(False)
         self.actor_params = policy.actor_parameters() if cfg.train_encoders else list(policy.head.parameters())
-        head = {id(p) for p in self.actor_params}
+        trained = {id(p) for p in self.actor_params}
         for p in policy.actor_parameters():  # no gradients computed for what is not trained
-            p.requires_grad_(id(p) in head)
+            p.requires_grad_(id(p) in trained)
         self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
         self.reward_scaler = RunningRewardScaler(cfg.gamma)

@@ -65,13 +65,12 @@ class RWR:
         zeros = torch.zeros_like(c["group"])
         _, rtg = group_advantages(c["reward"], dones, zeros)
         known = episode_ended_later(dones)
-        if not bool(known.any()):
-            self.iteration += 1
-            return {"policy_loss": float("nan"), "weight_max": 1.0, "weight_mean": 1.0, "skipped": 1.0}
         rtg_known = rtg[known]
-        if self.cfg.skip_constant and rtg_known.numel() > 1 and bool((rtg_known == rtg_known[0]).all()):
-            # Every return equal (typically: no success in the rollout): the weights are uniform, so the
-            # update would be plain BC on the policy's own noisy samples -- pure drift, no signal.
+        # Skip when no return is known yet, or (skip_constant) when every known return is equal (typically:
+        # no success in the rollout): uniform weights would make the update plain BC on the policy's own
+        # noisy samples -- pure drift, no signal.
+        constant = rtg_known.numel() > 1 and bool((rtg_known == rtg_known[0]).all())
+        if rtg_known.numel() == 0 or (self.cfg.skip_constant and constant):
             self.iteration += 1
             return {"policy_loss": float("nan"), "weight_max": 1.0, "weight_mean": 1.0, "skipped": 1.0}
         w = torch.zeros_like(rtg)

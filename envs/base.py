@@ -7,7 +7,8 @@ on lives here once:
 * ``step(action)`` takes one action per env, ``[N, A]``, or an action chunk, ``[N, T, A]``. A chunk is
   executed open-loop for ``T`` control steps; an env whose episode ends inside the chunk is frozen
   for the rest of it (its remaining actions are not executed in the next episode) and the reward is
-  summed over the executed steps. One policy decision = one chunk, as in DPPO.
+  summed over the executed steps; ``info["steps_executed"]`` counts them per env. One policy
+  decision = one chunk, as in DPPO.
 * auto-reset: envs that ended are reset before ``step`` returns; the returned observation is the
   first one of the new episode, and ``info["final_obs"]`` / ``info["success"]`` keep the last
   observation and the outcome of the finished episode.
@@ -135,6 +136,7 @@ class BatchedEnv(abc.ABC):
         success = torch.zeros_like(ended)
         unstable = torch.zeros_like(ended)
         final_obs: Obs | None = None
+        executed = torch.zeros(n, dtype=torch.long, device=self.device)
         hold = chunk[:, 0]
         for t in range(horizon):
             running = ~ended
@@ -142,6 +144,7 @@ class BatchedEnv(abc.ABC):
             hold = torch.where(running[:, None], chunk[:, t], hold)
             self._control_step(hold)
             self.episode_step += running.long()
+            executed += running.long()
             succ_now = self._success() & running
             bad_now = self._unstable() & running
             shaped = self._shaped_reward()
@@ -163,16 +166,19 @@ class BatchedEnv(abc.ABC):
             ended |= newly
             if bool(ended.all()):
                 break
-        info = self._end_step(reward, ended, success, unstable, final_obs)
+        info = self._end_step(reward, ended, success, unstable, executed, final_obs)
         return self._observe(), reward, terminated, truncated, info
 
-    def _end_step(self, reward, ended, success, unstable, final_obs: Obs | None, reset_ended: bool = True) -> dict:
+    def _end_step(self, reward, ended, success, unstable, executed, final_obs: Obs | None,
+                  reset_ended: bool = True) -> dict:
         """The tail every backend's ``step`` shares: episode bookkeeping, the info dict, and the reset of
-        ended envs (``reset_ended=False`` where the simulator already reset them itself)."""
+        ended envs (``reset_ended=False`` where the simulator already reset them itself). ``executed``:
+        control steps each env ran in this call before its episode ended."""
         self.episode_return += reward
         info = {
             "success": success,
             "unstable": unstable,
+            "steps_executed": executed,
             "episode_return": torch.where(ended, self.episode_return, torch.zeros_like(reward)),
             "episode_length": torch.where(ended, self.episode_step, torch.zeros_like(self.episode_step)),
         }

@@ -271,6 +271,7 @@ class IsaacLabEnv(BatchedEnv):
         truncated = torch.zeros_like(ended)
         success = torch.zeros_like(ended)
         final_obs: Obs | None = None
+        executed = torch.zeros(n, dtype=torch.long, device=dev)
         hold = chunk[:, 0]
         extras: dict = {}
         for t in range(horizon):
@@ -289,6 +290,7 @@ class IsaacLabEnv(BatchedEnv):
                 pre_groups = groups
             self._groups = groups
             self.episode_step += running.long()
+            executed += running.long()
             succ_now = self._success_now(pre_groups, extras) & running
             if self._reward_mode == "outcome":
                 step_reward = succ_now.float()
@@ -312,7 +314,7 @@ class IsaacLabEnv(BatchedEnv):
             if bool(ended.all()):
                 break
         # Isaac Lab reset its ended envs itself (and the loop above reset the ones it did not end).
-        info = self._end_step(reward, ended, success, torch.zeros_like(ended), final_obs, reset_ended=False)
+        info = self._end_step(reward, ended, success, torch.zeros_like(ended), executed, final_obs, reset_ended=False)
         info["isaaclab_extras"] = extras
         return self._observe(), reward, terminated, truncated, info
 

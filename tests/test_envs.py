@@ -75,6 +75,7 @@ def test_chunk_truncation_autoreset_final_obs():
     obs, reward, term, trunc, info = env.step(chunk)
     assert trunc.all() and not term.any() and reward.sum() == 0
     assert (info["episode_length"] == 3).all()  # frozen after the time limit inside the chunk
+    assert (info["steps_executed"] == 3).all()  # of the 5 actions sent
     assert (env.episode_step == 0).all()  # auto-reset
     # final_obs keeps the raised hand; the fresh obs has the hand back at its start height.
     assert (info["final_obs"]["state"][:, 2] > obs["state"][:, 2] + 0.05).all()

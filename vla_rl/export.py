@@ -66,13 +66,6 @@ class PolicyGraph(nn.Module):
             with torch.no_grad():
                 self.conv_hw = tuple(policy.images.conv(torch.zeros(1, 3, h, w)).shape[2:])
 
-    def head_for_step(self, k: int) -> nn.Module:
-        """As ``VLAPolicy.head_for_step``, but for this graph's noise process (the export may change K)."""
-        p = self.policy
-        if p.early_head is not None and k < self.noise_process.stochastic_indices[0]:
-            return p.early_head
-        return p.head
-
     def encode(self, state, language, rgb):
         p = self.policy
         state = p.normalizer.normalize_state(state)
@@ -112,7 +105,7 @@ class PolicyGraph(nn.Module):
             # at run time by ONNX Runtime they can differ by an ulp, and DDIM's first step divides by
             # sqrt(alpha_bar_T) ~ 5e-4, which turns an ulp into ~1e-4 in the actions.
             kk = torch.tensor([k])
-            out = self.head_for_step(k)(x, self.noise_process.model_time(kk), cond)
+            out = self.policy.head_for_step(k)(x, self.noise_process.model_time(kk), cond)
             is_stoch = k in self.stochastic
             mean, std = self.noise_process.transition(out, x, kk, is_stoch)
             x = mean + std * noise[:, k + 1] if is_stoch else mean

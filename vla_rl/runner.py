@@ -134,11 +134,11 @@ class Runner:
                 next_value = torch.where(unstable.to(value.device), value, next_value)
             buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group,
                     unstable)
-            ended, ep_len = (term | trunc).cpu(), info["episode_length"].cpu()
+            ended = (term | trunc).cpu()
             ep["success"] += info["success"].cpu()[ended].float().tolist()
             ep["return"] += info["episode_return"].cpu()[ended].tolist()
-            ep["length"] += ep_len[ended].float().tolist()
-            n_exec += int(torch.where(ended, ep_len, pol.cfg.exec_steps).sum())
+            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
+            n_exec += int(info["steps_executed"].sum())
             self.obs, value = nobs, value_nobs
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
             self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
