@@ -3,6 +3,7 @@ for N = 1, 16, 64, state only and with one 128x128 camera, next to a bare ``mj_s
 same model in the same run (overhead ratio), and the time per rendered frame. Median of repeats.
 
     python benchmarks/bench_envs.py [--task lift] [--steps 20] [--repeats 3]
+    python benchmarks/bench_envs.py --task place --workers 1 2   # multi-process envs (make_env(workers=W))
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _median_rate(fn, steps: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def bench_env(task, n, cameras, steps, repeats):
-    env = make_env(task, n, cameras=cameras, image_size=(128, 128), seed=0, max_episode_steps=10**6)
+def bench_env(task, n, cameras, steps, repeats, workers=1):
+    env = make_env(task, n, cameras=cameras, image_size=(128, 128), seed=0, max_episode_steps=10**6, workers=workers)
     env.reset(seed=0)
     gen = torch.Generator().manual_seed(0)
 
@@ -63,7 +64,11 @@ def main():
     p.add_argument("--task", default="lift")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, nargs="*", default=[],
+                   help="compare these worker-process counts instead (N = 32, 64; state and camera)")
     args = p.parse_args()
+    if args.workers:
+        return compare_workers(args)
     print(f"task={args.task}  torch threads={torch.get_num_threads()}  mujoco {mujoco.__version__}")
     print(f"{'N':>4} {'obs':>10} {'env steps/s':>12} {'bare mj_step steps/s':>21} {'overhead':>9} {'ms/frame':>9}")
     for n in (1, 16, 64):
@@ -73,6 +78,18 @@ def main():
         cam_rate, _ = bench_env(args.task, n, ("front",), max(args.steps // 4, 3), args.repeats)
         frame_ms = 1000.0 * (1.0 / cam_rate - 1.0 / state_rate)
         print(f"{n:>4} {'128px cam':>10} {cam_rate:>12.0f} {bare:>21.0f} {bare / cam_rate:>8.2f}x {frame_ms:>9.2f}")
+
+
+def compare_workers(args):
+    print(f"task={args.task}  cpu cores={os.cpu_count()}  mujoco {mujoco.__version__}")
+    print(f"{'N':>4} {'obs':>10} {'workers':>8} {'env steps/s':>12} {'vs 1 worker':>12}")
+    for n in (32, 64):
+        for cams, label, steps in (((), "state", args.steps), (("front",), "128px cam", max(args.steps // 4, 3))):
+            base = None
+            for w in args.workers:
+                rate, _ = bench_env(args.task, n, cams, steps, args.repeats, workers=w)
+                base = base or rate
+                print(f"{n:>4} {label:>10} {w:>8} {rate:>12.0f} {rate / base:>11.2f}x", flush=True)
 
 
 if __name__ == "__main__":

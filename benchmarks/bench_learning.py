@@ -52,7 +52,7 @@ def dppo_config(**kw) -> DPPOConfig:
 
 
 def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eval_episodes, threads,
-           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0):
+           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     policy = VLAPolicy.from_pretrained(pol_dir, noise=RWR_NOISE if algo == "rwr" else NOISE)
@@ -64,7 +64,7 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
                                           group_size=group_size,
                                           eval_every=0, checkpoint_every=0, seed=seed, resume=False, progress=False,
                                           log_dir=str(out / f"{algo}_s{seed}")))
-    r = Runner(cfg, policy=policy, env=make_env(task, num_envs, seed=seed))
+    r = Runner(cfg, policy=policy, env=make_env(task, num_envs, seed=seed, workers=workers))
     eval_env = make_env(task, 16, seed=seed + 100)
     curve, ecurve, t0, t_eval = [], [], time.time(), 0.0
 
@@ -92,6 +92,7 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
                   f"ev {st.get('explained_variance', float('nan')):.2f} kl {st.get('approx_kl', 0):.4f} clip {st.get('clip_frac', 0):.2f} "
                   f"t {time.time() - t0:.0f}s", flush=True)
     train_time = time.time() - t0 - t_eval
+    r.env.close()
     r.policy.save_pretrained(out / f"{algo}_s{seed}" / "final")
     ev = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, seed=seed + 100)
     ecurve.append((r.env_steps, ev["success_rate"], eval_episodes))
@@ -206,11 +207,11 @@ def cmd_run(a):
                "curve": [], "env_steps": 0}
     else:
         res = rl_run(a.algo, a.pretrained, a.task, a.budget, a.seed, a.num_envs, a.steps_per_iter, out,
-                     a.eval_episodes, a.threads, lr=a.lr, dppo_overrides=_overrides(a.dppo),
-                     group_size=a.group_size)
+                     a.eval_episodes, a.threads, eval_every_steps=a.eval_every, lr=a.lr,
+                     dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers)
     res.update(algo=a.algo, seed=a.seed, budget=a.budget, pretrained=a.pretrained, wall_s=time.time() - t0)
     res.update(variant=a.tag, dppo_overrides=_overrides(getattr(a, "dppo", None)), num_envs=a.num_envs,
-               steps_per_iter=a.steps_per_iter)
+               steps_per_iter=a.steps_per_iter, threads=a.threads, workers=getattr(a, "workers", 1))
     (out / f"result_{a.algo}{a.tag}_s{a.seed}.json").write_text(json.dumps(res, indent=1))
     print(f"{a.algo} seed {a.seed}: success {res['success']:.3f} ({res['wall_s']:.0f}s)", flush=True)
 
@@ -295,7 +296,9 @@ def main():
     r.add_argument("--num-envs", type=int, default=32)
     r.add_argument("--steps-per-iter", type=int, default=10, help="decisions per env per iteration")
     r.add_argument("--eval-episodes", type=int, default=64)
+    r.add_argument("--eval-every", type=int, default=12_800, help="env steps between 32-episode curve points")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--workers", type=int, default=1, help="env worker processes of the training env")
     r.add_argument("--lr", type=float, default=None, help="DPPO actor lr (default 3e-5) / RWR lr (default 1e-5)")
     r.add_argument("--dppo", nargs="*", default=[], metavar="KEY=VALUE", help="DPPOConfig overrides")
     r.add_argument("--group-size", type=int, default=0, help="envs per group of identical starts (advantage=group)")

@@ -27,14 +27,27 @@ def make_env(
     seed=None,
     max_episode_steps=None,
     arm: bool = False,
+    workers: int = 1,
     **task_kwargs,
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of a built-in task on a backend: ``"cpu"`` (MuJoCo) or ``"warp"``
     (mujoco-warp; ``device="cuda:0"`` on a GPU, ``"cpu"`` runs warp's CPU device, for tests).
 
     ``arm=True`` adds a 6-joint arm behind each gripper; ``task_kwargs`` go to the backend
-    (e.g. ``state_includes_objects``).
+    (e.g. ``state_includes_objects``). ``workers > 1`` (CPU backend) splits the envs into that many
+    shards stepped in parallel worker processes (:class:`~vla_rl.envs.subproc.SubprocEnv`; a script
+    that builds one needs the usual ``if __name__ == "__main__":`` guard of spawned processes).
     """
+    if workers > 1:
+        if backend != "cpu":
+            raise EnvError(f"workers={workers} is for the 'cpu' backend; {backend!r} vectorizes on its device")
+        from .subproc import SubprocEnv
+
+        return SubprocEnv(task, num_envs, workers, device=device, seed=seed, cameras=tuple(cameras),
+                          image_size=tuple(image_size), randomization=randomization,
+                          max_episode_steps=max_episode_steps, arm=arm, **task_kwargs)
+    if workers < 1:
+        raise EnvError(f"workers must be >= 1, got {workers}")
     task_obj = get_task(task, arm=arm)
     if backend == "cpu":
         from .mujoco_cpu import MujocoCPUEnv
@@ -57,7 +70,7 @@ def make_env_from_config(cfg) -> BatchedEnv:
         cfg = EnvConfig.from_dict(dict(cfg))
     return make_env(cfg.task, cfg.num_envs, backend=cfg.backend, device=cfg.device, cameras=tuple(cfg.cameras),
                     image_size=tuple(cfg.image_size), randomization=cfg.randomization, seed=cfg.seed,
-                    max_episode_steps=cfg.max_episode_steps, **dict(cfg.task_kwargs))
+                    max_episode_steps=cfg.max_episode_steps, workers=cfg.workers, **dict(cfg.task_kwargs))
 
 
 __all__ = ["BatchedEnv", "EnvError", "EnvSpec", "EnvConfig", "RandomizationConfig", "TASKS", "make_env",

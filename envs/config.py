@@ -21,6 +21,7 @@ class EnvConfig:
     randomization: Optional[RandomizationConfig] = None
     seed: Optional[int] = None
     max_episode_steps: Optional[int] = None
+    workers: int = 1  # > 1: CPU envs in that many parallel processes (make_env)
     task_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod

@@ -93,7 +93,6 @@ class MujocoCPUEnv(BatchedEnv):
         self.gen = torch.Generator().manual_seed(0 if seed is None else seed)
         self._seed = seed
         self.episode = None
-        self.instructions = [""] * n
         self.rand_values: dict[str, torch.Tensor] = {}
         self._delay = torch.zeros(n, dtype=torch.long)
         self._action_hist = torch.zeros(n, 1, spec.action_dim)
@@ -169,7 +168,7 @@ class MujocoCPUEnv(BatchedEnv):
             d.ctrl[:] = FINGER_MAX
             d.qpos[self.finger_qadr.ravel()] = FINGER_MAX
             mujoco.mj_forward(m, d)
-            self.instructions[i] = self.episode.instruction[i] = ep.instruction[j]
+            self.episode.instruction[i] = ep.instruction[j]
             self._warnings[i] = _divergence_count(d)
         if values is not None:
             if not self.rand_values:
@@ -287,7 +286,7 @@ class MujocoCPUEnv(BatchedEnv):
     def _observe(self) -> Obs:
         noise = self.rand.dynamics.obs_noise if self.rand is not None else 0.0
         s = TaskState(self.obj_pos, self.cont_pos, self.tcp, self.gap)  # host tensors: the noise stream stays on CPU
-        obs = task_observation(s, self.instructions, self.state_includes_objects, noise, self.gen)
+        obs = task_observation(s, self.episode.instruction, self.state_includes_objects, noise, self.gen)
         obs["state"], obs["privileged"] = obs["state"].to(self.device), obs["privileged"].to(self.device)
         if self.cameras:
             obs["rgb"] = self.render().to(self.device)

@@ -84,3 +84,16 @@ def test_pretrain_cli_end_to_end(tmp_path):
 def test_pretrain_cli_reports_bad_config(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path), "stepz=3"]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from vla_rl.pretrain import lr_factor
+
+    cos = lr_factor(PretrainConfig(steps=1100, warmup_steps=100, lr_schedule="cosine"))
+    assert cos(0) == pytest.approx(0.01) and cos(99) == pytest.approx(1.0)
+    assert cos(100) == pytest.approx(1.0) and cos(600) == pytest.approx(0.5) and cos(1100) == pytest.approx(0.0)
+    assert all(cos(s) >= cos(s + 1) for s in range(100, 1100))
+    const = lr_factor(PretrainConfig(steps=1100, warmup_steps=100, lr_schedule="constant"))
+    assert const(50) == pytest.approx(0.51) and const(1099) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(PretrainConfig(lr_schedule="linear"))

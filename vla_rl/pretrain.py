@@ -9,6 +9,7 @@ with ``VLAPolicy.from_pretrained``, rewritten atomically at every save.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ class PretrainConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-6
     warmup_steps: int = 100
+    # After the linear warm-up: "constant" lr, or "cosine" decay to 0 at `steps` (as Diffusion Policy
+    # trains). On `place` with 150 demos the cosine decay fit the demos closer and generalized worse:
+    # 0.25 success against 0.45 for constant (tiny head, 3000 steps, 2 x 128 held-out episodes).
+    lr_schedule: str = "constant"
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     seed: int = 0
@@ -83,7 +88,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     )
     params = policy.actor_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     out = Path(cfg.out)
     writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb"))
     bar = tqdm(total=cfg.steps, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
@@ -117,6 +122,23 @@ def pretrain(cfg: PretrainConfig) -> Path:
     bar.close()
     writer.close()
     return out
+
+
+def lr_factor(cfg: PretrainConfig):
+    """Multiplier of cfg.lr at each optimizer step (for LambdaLR)."""
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+    warm = max(1, cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 @torch.no_grad()
