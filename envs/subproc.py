@@ -133,18 +133,27 @@ class SubprocEnv:
         for i, c in enumerate(self._conns):
             try:
                 status, payload = c.recv()
-            except (EOFError, ConnectionError) as e:
-                raise EnvError(f"env worker {i} died (exit code {self._procs[i].exitcode})") from e
+            except (EOFError, ConnectionError, OSError) as e:
+                raise self._died(i) from e
             if status == "error":
                 raise _worker_error(i, *payload)
             out.append(payload)
         return out
 
+    def _died(self, i: int) -> EnvError:
+        """A worker is gone: the batch cannot go on, so every worker is shut down."""
+        err = EnvError(f"env worker {i} died (exit code {self._procs[i].exitcode}); the env is closed")
+        self.close()
+        return err
+
     def _call(self, cmd: str, args: list) -> list:
         if not self._conns:
             raise EnvError("the env is closed")
-        for c, a in zip(self._conns, args):
-            c.send((cmd, a))
+        for i, (c, a) in enumerate(zip(self._conns, args)):
+            try:
+                c.send((cmd, a))
+            except (BrokenPipeError, ConnectionError, OSError) as e:
+                raise self._died(i) from e
         return self._gather()
 
     def _obs(self, parts: list) -> dict:

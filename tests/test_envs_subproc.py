@@ -103,3 +103,15 @@ def test_runner_trains_on_worker_envs_from_its_config(tmp_path):
         assert any(not torch.equal(a, p) for a, p in zip(before, pol.head.parameters()))
     finally:
         r.env.close()
+
+
+def test_a_dead_worker_is_named():
+    env = make_env("lift", 2, workers=2)
+    procs = list(env._procs)
+    env._procs[1].kill()
+    env._procs[1].join()
+    with pytest.raises(EnvError, match="env worker 1 died"):
+        env.reset()
+    assert not any(p.is_alive() for p in procs)  # the surviving worker was shut down too
+    with pytest.raises(EnvError, match="closed"):
+        env.reset()
