@@ -38,6 +38,7 @@ def make_env(
     shards stepped in parallel worker processes (:class:`~vla_rl.envs.subproc.SubprocEnv`; a script
     that builds one needs the usual ``if __name__ == "__main__":`` guard of spawned processes).
     """
+    task_obj = get_task(task, arm=arm)  # validates the name here, not in a worker
     if workers > 1:
         if backend != "cpu":
             raise EnvError(f"workers={workers} is for the 'cpu' backend; {backend!r} vectorizes on its device")
@@ -48,7 +49,6 @@ def make_env(
                           max_episode_steps=max_episode_steps, arm=arm, **task_kwargs)
     if workers < 1:
         raise EnvError(f"workers must be >= 1, got {workers}")
-    task_obj = get_task(task, arm=arm)
     if backend == "cpu":
         from .mujoco_cpu import MujocoCPUEnv
 

@@ -129,16 +129,16 @@ class SubprocEnv:
 
     # ------------------------------------------------------------------ plumbing
     def _gather(self) -> list:
-        out = []
-        for i, c in enumerate(self._conns):
+        replies = []
+        for i, c in enumerate(self._conns):  # every reply is read, so no stale one is left in a pipe
             try:
-                status, payload = c.recv()
+                replies.append(c.recv())
             except (EOFError, ConnectionError, OSError) as e:
                 raise self._died(i) from e
+        for i, (status, payload) in enumerate(replies):
             if status == "error":
                 raise _worker_error(i, *payload)
-            out.append(payload)
-        return out
+        return [payload for _, payload in replies]
 
     def _died(self, i: int) -> EnvError:
         """A worker is gone: the batch cannot go on, so every worker is shut down."""

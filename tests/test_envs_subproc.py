@@ -50,11 +50,16 @@ def test_shards_step_exactly_like_single_process_envs(sharded):
 def test_errors_name_the_problem(sharded):
     with pytest.raises(EnvError, match=r"num_envs=4"):
         sharded.step(torch.zeros(3, 4))
-    bad = torch.zeros(4, 4)
-    bad[3, 0] = float("nan")
-    with pytest.raises(EnvError, match="NaN/inf.*env worker 1"):  # raised in the worker, re-raised here
-        sharded.step(bad)
-    sharded.reset(seed=0)  # the workers survive their errors
+    for env_id, worker in ((3, 1), (0, 0)):
+        bad = torch.zeros(4, 4)
+        bad[env_id, 0] = float("nan")
+        with pytest.raises(EnvError, match=f"NaN/inf.*env worker {worker}"):  # raised there, re-raised here
+            sharded.step(bad)
+        # the workers survive their errors and no reply of the failed call is left behind
+        assert torch.equal(sharded.reset(seed=0)["state"], sharded.reset(seed=0)["state"])
+        assert sharded.step(torch.zeros(4, 4))[0]["state"].shape == (4, 16)
+    with pytest.raises(EnvError, match="valid tasks"):  # checked before any worker starts
+        make_env("stack", 4, workers=2)
     with pytest.raises(EnvError, match="must divide"):
         sharded.reset_group(4)
     s = sharded.reset_group(2, seed=1)["state"]  # groups of identical starts, one per shard
