@@ -36,7 +36,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     # After the linear warm-up: "constant" lr, or "cosine" decay to 0 at `steps` (as Diffusion Policy
     # trains). On `place` with 150 demos the cosine decay fit the demos closer and generalized worse:
-    # 0.25 success against 0.45 for constant (tiny head, 3000 steps, 2 x 128 held-out episodes).
+    # 0.27 / 0.23 success on two 128-episode sets against 0.50 for constant (BENCHMARKS.md).
     lr_schedule: str = "constant"
     ema_decay: float = 0.995
     grad_clip: float = 1.0
@@ -74,6 +74,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run behaviour cloning; returns the checkpoint directory."""
     if not cfg.data:
         raise ValueError("pretrain needs data= (a demo directory or .hdf5 file)")
+    schedule = lr_factor(cfg)  # a bad schedule name fails before any data is read
     torch.manual_seed(cfg.seed)
     episodes = load_episodes(cfg.data, only_success=cfg.only_success)
     dataset = DemoDataset(episodes, horizon=cfg.policy.horizon, use_rgb=bool(cfg.policy.cameras))
@@ -88,7 +89,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     )
     params = policy.actor_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = Path(cfg.out)
     writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb"))
     bar = tqdm(total=cfg.steps, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
