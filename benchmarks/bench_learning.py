@@ -211,7 +211,7 @@ def cmd_run(a):
                      dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers)
     res.update(algo=a.algo, seed=a.seed, budget=a.budget, pretrained=a.pretrained, wall_s=time.time() - t0)
     res.update(variant=a.tag, dppo_overrides=_overrides(getattr(a, "dppo", None)), num_envs=a.num_envs,
-               steps_per_iter=a.steps_per_iter, threads=a.threads, workers=getattr(a, "workers", 1))
+               steps_per_iter=a.steps_per_iter, threads=a.threads, workers=a.workers)
     (out / f"result_{a.algo}{a.tag}_s{a.seed}.json").write_text(json.dumps(res, indent=1))
     print(f"{a.algo} seed {a.seed}: success {res['success']:.3f} ({res['wall_s']:.0f}s)", flush=True)
 

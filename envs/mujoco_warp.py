@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .base import BatchedEnv, EnvError, EnvSpec, Obs
+from .tasks import task_observation
 
 try:  # optional extra: pip install vla-rl[warp]
     import warp as wp
@@ -590,7 +591,7 @@ class TaskWarpEnv(MujocoWarpEnv):
         self._run("forward", self._forward_launch)
         self._unstable_flag[ids] = False
         for j, i in enumerate(ids_c.tolist()):
-            self._instructions[i] = self.episode.instruction[i] = ep.instruction[j]
+            self.episode.instruction[i] = ep.instruction[j]
         depth = int(self._delay.max()) + 1
         if self._action_hist.shape[1] != depth:
             self._action_hist = torch.zeros(self.num_envs, depth, self.spec.action_dim, device=dev)
@@ -637,10 +638,9 @@ class TaskWarpEnv(MujocoWarpEnv):
         return self.task.success(s, self.episode).to(self.device) & torch.isfinite(s.obj_pos).all(-1).all(-1)
 
     def _observe(self) -> Obs:
-        from .tasks import task_observation
-
         noise = self.rand.dynamics.obs_noise if self.rand is not None else 0.0
-        obs = task_observation(self.task_state(), self._instructions, self.state_includes_objects, noise, self._gen)
+        obs = task_observation(self.task_state(), self.episode.instruction, self.state_includes_objects, noise,
+                               self._gen)
         if self.cameras:
             obs["rgb"] = self.render()
         return obs

@@ -30,6 +30,8 @@ def _to_numpy(x):
         return x.detach().cpu().numpy()
     if isinstance(x, dict):
         return {k: _to_numpy(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_to_numpy(v) for v in x)
     return x
 
 
@@ -68,7 +70,7 @@ def _worker(conn, task: str, num_envs: int, kwargs: dict) -> None:
                 out = env.render()
             else:
                 raise EnvError(f"unknown worker command {cmd!r}")
-            conn.send(("ok", _to_numpy(out) if not isinstance(out, tuple) else tuple(_to_numpy(o) for o in out)))
+            conn.send(("ok", _to_numpy(out)))
         except BaseException as e:  # noqa: BLE001
             conn.send(("error", (e, traceback.format_exc())))
 
@@ -108,7 +110,6 @@ class SubprocEnv:
         self.num_envs, self.device = int(num_envs), torch.device(device)
         base, extra = divmod(self.num_envs, workers)
         self.shard_sizes = [base + (i < extra) for i in range(workers)]
-        self._seed = seed
         ctx = mp.get_context("spawn")  # fork is unsafe once torch threads or a GL context exist
         self._conns, self._procs = [], []
         for i, n in enumerate(self.shard_sizes):
