@@ -52,14 +52,14 @@ def dppo_config(**kw) -> DPPOConfig:
 
 
 def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eval_episodes, threads,
-           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1):
+           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1, noise_overrides=None):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    policy = VLAPolicy.from_pretrained(pol_dir, noise=RWR_NOISE if algo == "rwr" else NOISE)
+    policy = VLAPolicy.from_pretrained(pol_dir, noise={**(RWR_NOISE if algo == "rwr" else NOISE), **(noise_overrides or {})})
     per_iter = num_envs * steps_per_iter * policy.cfg.exec_steps
     iters = max(1, budget // per_iter)
-    cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": lr or 3e-5, **(dppo_overrides or {})}),
-                      rwr=RWRConfig(lr=lr or 1e-5, beta=2.0, update_epochs=4),
+    cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": 3e-5 if lr is None else lr, **(dppo_overrides or {})}),
+                      rwr=RWRConfig(lr=1e-5 if lr is None else lr, beta=2.0, update_epochs=4),
                       runner=RunnerConfig(iterations=iters, num_envs=num_envs, steps_per_iter=steps_per_iter,
                                           group_size=group_size,
                                           eval_every=0, checkpoint_every=0, seed=seed, resume=False, progress=False,
@@ -199,7 +199,7 @@ def cmd_run(a):
         res = sb3_run(a.task, a.budget, a.seed, a.eval_episodes, a.threads)
     elif a.algo == "pretrained":
         torch.set_num_threads(a.threads)
-        policy = VLAPolicy.from_pretrained(a.pretrained, noise=NOISE)
+        policy = VLAPolicy.from_pretrained(a.pretrained, noise={**NOISE, **_overrides(a.noise)})
         ev = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, seed=a.seed + 100)
         det = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, deterministic=True,
                        seed=a.seed + 100)
@@ -208,9 +208,10 @@ def cmd_run(a):
     else:
         res = rl_run(a.algo, a.pretrained, a.task, a.budget, a.seed, a.num_envs, a.steps_per_iter, out,
                      a.eval_episodes, a.threads, eval_every_steps=a.eval_every, lr=a.lr,
-                     dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers)
+                     dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers,
+                     noise_overrides=_overrides(a.noise))
     res.update(algo=a.algo, seed=a.seed, budget=a.budget, pretrained=a.pretrained, wall_s=time.time() - t0)
-    res.update(variant=a.tag, dppo_overrides=_overrides(getattr(a, "dppo", None)), num_envs=a.num_envs,
+    res.update(variant=a.tag, dppo_overrides=_overrides(a.dppo), noise_overrides=_overrides(a.noise), num_envs=a.num_envs,
                steps_per_iter=a.steps_per_iter, threads=a.threads, workers=a.workers)
     (out / f"result_{a.algo}{a.tag}_s{a.seed}.json").write_text(json.dumps(res, indent=1))
     print(f"{a.algo} seed {a.seed}: success {res['success']:.3f} ({res['wall_s']:.0f}s)", flush=True)
@@ -301,6 +302,8 @@ def main():
     r.add_argument("--workers", type=int, default=1, help="env worker processes of the training env")
     r.add_argument("--lr", type=float, default=None, help="DPPO actor lr (default 3e-5) / RWR lr (default 1e-5)")
     r.add_argument("--dppo", nargs="*", default=[], metavar="KEY=VALUE", help="DPPOConfig overrides")
+    r.add_argument("--noise", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="sampler overrides (NoiseConfig), e.g. init_scale=0")
     r.add_argument("--group-size", type=int, default=0, help="envs per group of identical starts (advantage=group)")
     r.add_argument("--tag", default="", help="suffix of the result file (variants of one algo)")
     r.add_argument("--out", default="runs/bench_learning")

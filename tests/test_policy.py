@@ -117,6 +117,30 @@ def test_deterministic_sampling_is_repeatable_and_bounded():
     assert a.min() >= -2.0 and a.max() <= 3.0
 
 
+def test_init_scale_is_the_std_of_the_initial_noise():
+    obs = make_obs(3)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 7, 4, 3, generator=g)
+    base = perturbed_policy(tiny_config("ddim"))
+    half = perturbed_policy(tiny_config("ddim"))
+    half.cfg.noise.init_scale = 0.5
+    scaled = noise.clone()
+    scaled[:, 0] *= 0.5
+    with torch.no_grad():
+        assert torch.equal(half.sample(obs, noise=noise).latents, base.sample(obs, noise=scaled).latents)
+        assert not torch.equal(half.sample(obs, noise=noise).latents, base.sample(obs, noise=noise).latents)
+        # 0: every chunk starts at the mode, so a deterministic chain no longer depends on the draw.
+        half.cfg.noise.init_scale = 0.0
+        other = noise.clone()
+        other[:, 0] = torch.randn(3, 4, 3, generator=g)
+        assert torch.equal(half.sample(obs, deterministic=True, noise=noise).actions,
+                           half.sample(obs, deterministic=True, noise=other).actions)
+    bad = tiny_config("ddim")
+    bad.noise.init_scale = -1.0
+    with pytest.raises(ValueError, match="init_scale"):
+        VLAPolicy(bad)
+
+
 def test_bc_learns_both_modes_of_a_bimodal_dataset():
     """Actions are +1 or -1 (50/50) for the same observation: diffusion keeps both modes,
     while the MSE-optimal regressor would predict their mean, 0, which no demonstration did."""

@@ -31,8 +31,8 @@ class NoiseProcess:
             raise ValueError(
                 f"noise.stochastic_steps must be in [0, sample_steps={cfg.sample_steps}], got {cfg.stochastic_steps}"
             )
-        if cfg.std_floor < 0 or cfg.eta < 0:
-            raise ValueError("noise.std_floor and noise.eta must be >= 0")
+        if cfg.std_floor < 0 or cfg.eta < 0 or cfg.init_scale < 0:
+            raise ValueError("noise.std_floor, noise.eta and noise.init_scale must be >= 0")
         self.cfg = cfg
         self.num_steps = cfg.sample_steps
         n_stoch = cfg.stochastic_steps or cfg.sample_steps
