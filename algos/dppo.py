@@ -71,13 +71,6 @@ class DPPOConfig:
     # False: fine-tune only the action head (the DiT over the chunk); the observation encoders and trunk
     # (the "VLM" part) stay at their pretrained weights, as when RL fine-tunes only a VLA's action expert.
     train_encoders: bool = True
-    # Learn the initial noise's distribution too: x_K ~ N(mu(obs), noise.init_scale^2) becomes the chain's
-    # transition 0 (PolicyConfig.init_noise_policy), steering which of the pretrained policy's behaviours
-    # is sampled. Why: with deterministic early steps the initial draw decides much of the outcome (on
-    # `place` the BC policy succeeds from 78% of the starts with some x_K and fails with others) and is
-    # otherwise outside the likelihood. Its mean lives in noise units, hence its own learning rate.
-    steer_init_noise: bool = False
-    init_noise_lr: float = 1e-3
 
 
 class RunningMeanStd:
@@ -170,23 +163,16 @@ class DPPO:
         self.policy = policy
         if cfg.freeze_early_steps:
             policy.freeze_early_steps()
-        if cfg.steer_init_noise:
-            policy.enable_init_noise_policy()
         self.pretrained = None
         if cfg.bc_coef > 0:
             self.pretrained = copy.deepcopy(policy).eval()
             for p in self.pretrained.parameters():
                 p.requires_grad_(False)
-        steer = list(policy.init_noise.parameters()) if policy.init_noise is not None else []
-        steer_ids = {id(p) for p in steer}
-        chain = [p for p in (policy.actor_parameters() if cfg.train_encoders else policy.head.parameters())
-                 if id(p) not in steer_ids]
-        self.actor_params = chain + steer
+        self.actor_params = policy.actor_parameters() if cfg.train_encoders else list(policy.head.parameters())
         trained = {id(p) for p in self.actor_params}
         for p in policy.actor_parameters():  # no gradients computed for what is not trained
             p.requires_grad_(id(p) in trained)
-        groups = [{"params": chain, "lr": cfg.actor_lr}] + ([{"params": steer, "lr": cfg.init_noise_lr}] if steer else [])
-        self.actor_opt = torch.optim.Adam(groups)
+        self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
         self.reward_scaler = RunningRewardScaler(cfg.gamma)
         self.iteration = 0

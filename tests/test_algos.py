@@ -25,7 +25,6 @@ class StubPolicy(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.critic = nn.Linear(1, 1)
         self.cfg = type("Cfg", (), {"exec_steps": exec_steps})
-        self.init_noise = None
 
     def actor_parameters(self):
         return [self.w]
@@ -80,24 +79,19 @@ def test_clip_varies_along_chain():
     assert torch.allclose(flat.clip_coefs(4, "cpu"), torch.full((4,), 0.1))
 
 
-@pytest.mark.parametrize("logprob,steer", [("joint", False), ("mean_executed", False), ("joint", True)])
-def test_ratio_is_one_before_update(logprob, steer):
+@pytest.mark.parametrize("logprob", ["joint", "mean_executed"])
+def test_ratio_is_one_before_update(logprob):
     torch.manual_seed(0)
     pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
-    algo = DPPO(pol, DPPOConfig(logprob=logprob, steer_init_noise=steer))  # freezes the early steps, as in training
-    if steer:  # a trained-looking initial-noise policy (a fresh one has mean 0)
-        with torch.no_grad():
-            for p in pol.init_noise.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    n = 3 + steer
+    algo = DPPO(pol, DPPOConfig(logprob=logprob))  # freezes the early steps, as in training
     obs, _ = toy_demos(16, 4)
     with torch.no_grad():
         chain = pol.sample(obs)
         lp = pol.log_prob(obs, chain)
         per_dim = pol.log_prob(obs, chain, per_dim=True)
-    assert chain.log_prob.shape == (16, n)
+    assert chain.log_prob.shape == (16, 3)
     assert torch.allclose(lp, chain.log_prob, atol=1e-5)
-    assert per_dim.shape == (16, n, pol.cfg.horizon, pol.cfg.action_dim)
+    assert per_dim.shape == (16, 3, pol.cfg.horizon, pol.cfg.action_dim)
     assert torch.allclose(per_dim.sum((-1, -2)), chain.log_prob, atol=1e-4)
     # The update's first ratio (old log-probs as the update computes them) is exactly 1.
     from vla_rl.rollout import RolloutBuffer
@@ -108,7 +102,7 @@ def test_ratio_is_one_before_update(logprob, steer):
     old = algo.old_log_probs(buf, flat)
     with torch.no_grad():
         new = algo.transition_log_prob(RolloutBuffer.index_obs(flat, torch.arange(16)), flat["chain"])
-    assert torch.equal((new - old).exp(), torch.ones(16, n))
+    assert torch.equal((new - old).exp(), torch.ones(16, 3))
 
 
 def gae_reference(rewards, values, next_values, terminated, truncated, gamma, lam):
@@ -218,46 +212,3 @@ def test_train_encoders_false_moves_only_the_action_head(tmp_path):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("head.") for k in moved)
     assert all(k.startswith(("head.", "critic.")) for k in moved), sorted(moved)
-
-
-def test_steered_initial_noise_is_transition_zero_and_trains_with_its_own_lr(tmp_path):
-    from vla_rl.envs.toy import ToyGoalEnv
-    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
-
-    from toy_utils import pretrain_toy
-
-    policy = pretrain_toy(steps=50, seed=0)
-    obs, _ = toy_demos(8, 1)
-    with torch.no_grad():
-        plain = policy.sample(obs, noise=torch.randn(8, policy.noise.num_steps + 1, policy.cfg.horizon,
-                                                     policy.cfg.action_dim, generator=torch.Generator().manual_seed(0)))
-    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(steer_init_noise=True, actor_lr=0.0, init_noise_lr=1e-2,
-                                                    update_epochs=1, n_critic_warmup_itr=0),
-                      runner=RunnerConfig(iterations=2, num_envs=16, steps_per_iter=2, eval_every=0,
-                                          checkpoint_every=0, log_dir=str(tmp_path / "run"), progress=False))
-    runner = Runner(cfg, policy=policy, env=ToyGoalEnv(16, seed=0))
-    assert [g["lr"] for g in runner.algo.actor_opt.param_groups] == [0.0, 1e-2]
-    before = {k: v.clone() for k, v in policy.state_dict().items()}
-    runner.train()
-    moved = {k for k, v in policy.state_dict().items() if k in before and not torch.equal(before[k], v)}
-    assert any(k.startswith("init_noise.") for k in moved)
-    assert all(k.startswith(("init_noise.", "critic.")) for k in moved), sorted(moved)  # the chain's lr is 0
-    # Transition 0's log-likelihood is N(x_K; mu(obs), init_scale^2), by hand.
-    with torch.no_grad():
-        chain = policy.sample(obs)
-        mu = policy.init_noise(policy.encode(obs))
-        s = policy.cfg.noise.init_scale
-        ref = (-(chain.latents[:, 0] - mu) ** 2 / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)).sum((-1, -2))
-    assert mu.abs().max() > 0 and torch.allclose(chain.log_prob[:, 0], ref, atol=1e-4)
-    # Saved and reloaded with its initial-noise policy: the same noise gives the same chain.
-    policy.save_pretrained(tmp_path / "steered")
-    again = VLAPolicy.from_pretrained(tmp_path / "steered")
-    noise = torch.randn(8, policy.noise.num_steps + 1, policy.cfg.horizon, policy.cfg.action_dim,
-                        generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = policy.sample(obs, noise=noise), again.sample(obs, noise=noise)
-    assert again.cfg.init_noise_policy and torch.equal(a.latents, b.latents)
-    assert not torch.allclose(a.actions, plain.actions)  # steering changed what is sampled
-    # A chain sampled without the initial-noise transition is refused by name.
-    with pytest.raises(ValueError, match="initial noise"):
-        again.log_prob(obs, Chain(a.actions, a.latents[:, 1:], a.log_prob[:, 1:]))

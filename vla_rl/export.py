@@ -99,8 +99,6 @@ class PolicyGraph(nn.Module):
     def forward(self, state, language, noise, rgb=None):
         cond = self.encode(state, language, rgb)
         x = noise[:, 0] * self.policy.cfg.noise.init_scale
-        if self.policy.init_noise is not None:  # the learned initial-noise policy's mean
-            x = x + self.policy.init_noise(cond)
         for k in range(self.noise_process.num_steps):
             # k as a constant [1] tensor (broadcast over the batch): the schedule terms (alpha_t, sqrt(1 - alpha_t),
             # the time embedding, ...) fold into constants computed by torch, bit-identical to ``sample``. Computed
@@ -365,7 +363,6 @@ def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, langu
             "eta": noise_cfg.eta,
             "std_floor": noise_cfg.std_floor,
             "init_scale": noise_cfg.init_scale,
-            "init_noise_policy": policy.init_noise is not None,  # x_0's mean is learned from the observation
             "noise": "standard normal [batch, steps + 1, horizon, action_dim]; [:, 0] is x_0 (scaled by init_scale "
                      "inside the graph), [:, k+1] the draw of stochastic step k",
         },

@@ -16,10 +16,10 @@ class NoiseConfig:
     std_floor: float = 0.1  # minimum std of a stochastic transition (exploration; DPPO's min sampling std)
     stochastic_steps: int = 0  # K': only the last K' transitions are stochastic and fine-tuned (0 = all K)
     clip_sample: float = 1.0  # clip the predicted clean action (normalized units); 0 disables
-    # Std of the initial noise x_K (a sampling temperature). 1 = the trained distribution. The initial draw
-    # is not a fine-tuned transition, so with deterministic early steps its randomness reaches the outcome
-    # without entering the chain likelihood; < 1 removes that share of the advantage noise (on `place` the
-    # BC policy's success is a coin flip of x_K on 78% of the starts, BENCHMARKS.md). 0 = start at the mode.
+    # Std of the initial noise x_K (a sampling temperature): 1 = the distribution the head was trained on,
+    # 0 = every chunk starts at the mode. The initial draw is not a fine-tuned transition, yet it decides
+    # much of the outcome (benchmarks/bench_spread.py: on `place` the BC policy, deterministic after x_K,
+    # succeeds from 75% of the starts with some draws and fails with others).
     init_scale: float = 1.0
 
 
@@ -59,11 +59,6 @@ class PolicyConfig:
     # that fine-tuning moves only the fine-tuned steps; it is saved with the weights, so a reloaded,
     # resumed or exported policy samples exactly as the trained one did.
     early_head: bool = False
-    # A learned Gaussian over the initial noise, x_K ~ N(mu(obs), noise.init_scale^2): the chain's first
-    # fine-tuned transition (noise-space steering, as in DSRL, inside DPPO's chain likelihood). mu is a small
-    # MLP on the pooled observation tokens with a zero last layer, so when DPPO adds it (DPPOConfig.
-    # steer_init_noise) the sampler is unchanged; it is saved with the weights like the early head.
-    init_noise_policy: bool = False
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     critic_privileged: bool = True  # the critic may see privileged simulator state
     critic_images: bool = False

@@ -43,31 +43,15 @@ class Chain:
 
     ``latents[:, j]`` is the (normalized) action chunk before stochastic transition j and
     ``latents[:, j + 1]`` after it; ``latents[:, -1]`` is the final sample. ``actions`` is that final
-    sample clipped to [-1, 1] and mapped to env units. With a learned initial-noise policy
-    (``PolicyConfig.init_noise_policy``) the draw of x_K is transition 0: ``latents[:, 0]`` is x_K.
+    sample clipped to [-1, 1] and mapped to env units.
     """
 
     actions: torch.Tensor  # [B, H, A] env units
-    latents: torch.Tensor  # [B, K' + 1, H, A]  (K' + 2 with a learned initial-noise policy)
-    log_prob: torch.Tensor  # [B, K'] at sampling time  (K' + 1)
+    latents: torch.Tensor  # [B, K' + 1, H, A]
+    log_prob: torch.Tensor  # [B, K'] at sampling time
 
     def __getitem__(self, idx) -> "Chain":
         return Chain(self.actions[idx], self.latents[idx], self.log_prob[idx])
-
-
-class InitNoisePolicy(nn.Module):
-    """Mean of the initial noise x_K given the observation tokens (mean-pooled, detached: steering the
-    noise must not move the features the action head reads). Zero last layer: starts at mean 0."""
-
-    def __init__(self, d: int, horizon: int, action_dim: int):
-        super().__init__()
-        self.shape = (horizon, action_dim)
-        self.net = mlp([d, d, horizon * action_dim])
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.net(cond.detach().mean(1)).view(-1, *self.shape)
 
 
 class Critic(nn.Module):
@@ -118,7 +102,6 @@ class VLAPolicy(nn.Module):
             self.early_head.requires_grad_(False)
         self.critic = Critic(cfg, self.language.out_dim)
         self.noise = make_noise_process(cfg.noise)
-        self.init_noise = InitNoisePolicy(d, cfg.horizon, cfg.action_dim) if cfg.init_noise_policy else None
 
     # ------------------------------------------------------------------ observations
     def check_obs(self, obs: dict, for_critic: bool = False) -> int:
@@ -184,16 +167,6 @@ class VLAPolicy(nn.Module):
             self.early_head = copy.deepcopy(self.head).requires_grad_(False)
             self.cfg.early_head = True
 
-    def enable_init_noise_policy(self) -> None:
-        """Make the draw of x_K a learned Gaussian policy step (see ``PolicyConfig.init_noise_policy``).
-        Idempotent; starts at mean 0, so sampling is unchanged until it is trained."""
-        if self.cfg.noise.init_scale <= 0:
-            raise ValueError("a learned initial-noise policy needs noise.init_scale > 0 (its std)")
-        if self.init_noise is None:
-            self.init_noise = InitNoisePolicy(self.cfg.dit.d_model, self.cfg.horizon, self.cfg.action_dim)
-            self.init_noise.to(self.head.pos_embed.device)
-            self.cfg.init_noise_policy = True
-
     def head_for_step(self, k: int) -> nn.Module:
         """The DiT head that runs denoising step k (the frozen early head before the stochastic window)."""
         if self.early_head is not None and k < self.stochastic_indices[0]:
@@ -212,12 +185,6 @@ class VLAPolicy(nn.Module):
         stochastic = set() if deterministic else set(self.stochastic_indices)
         x = noise[:, 0] * self.cfg.noise.init_scale
         latents, log_probs = [], []
-        if self.init_noise is not None:  # x_K ~ N(mu(obs), init_scale^2): transition 0 of the chain
-            mean = self.init_noise(cond)
-            x = mean + x
-            if not deterministic:
-                latents.append(x)
-                log_probs.append(gaussian_log_prob(x, mean, self._init_std(x)))
         for k in range(K):
             kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
             is_stoch = k in stochastic
@@ -239,27 +206,17 @@ class VLAPolicy(nn.Module):
         """Log-likelihood [B, K'] of each stochastic transition in ``chain`` under the current weights;
         ``per_dim=True``: the per-coordinate Gaussian log-densities [B, K', H, A] (they sum to it)."""
         idx = self.stochastic_indices
-        b, n, n0 = chain.latents.shape[0], len(idx), int(self.init_noise is not None)
-        if chain.latents.shape[1] != n0 + n + 1:
-            raise ValueError(f"chain has {chain.latents.shape[1] - 1} transitions, policy has {n0 + n} "
-                             f"({n} stochastic denoising steps{' + the initial noise' if n0 else ''})")
+        b, n = chain.latents.shape[0], len(idx)
+        if chain.latents.shape[1] != n + 1:
+            raise ValueError(f"chain has {chain.latents.shape[1] - 1} transitions, policy has {n} stochastic steps")
         cond = self.encode(obs)
-        latents = chain.latents[:, n0:]
-        x_in = latents[:, :-1].flatten(0, 1)  # [B*K', H, A], b-major
-        x_out = latents[:, 1:].flatten(0, 1)
+        x_in = chain.latents[:, :-1].flatten(0, 1)  # [B*K', H, A], b-major
+        x_out = chain.latents[:, 1:].flatten(0, 1)
         k = torch.tensor(idx, device=cond.device).repeat(b)
         out = self.head(x_in, self.noise.model_time(k), cond.repeat_interleave(n, 0))
         mean, std = self.noise.transition(out, x_in, k, stochastic=True)
         lp = gaussian_log_prob(x_out, mean, std, reduce=not per_dim)
-        lp = lp.view(b, n, *lp.shape[1:])
-        if n0:
-            x0, mean0 = chain.latents[:, 0], self.init_noise(cond)
-            lp0 = gaussian_log_prob(x0, mean0, self._init_std(x0), reduce=not per_dim)
-            lp = torch.cat([lp0[:, None], lp], 1)
-        return lp
-
-    def _init_std(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.full((), self.cfg.noise.init_scale, device=x.device)
+        return lp.view(b, n, *lp.shape[1:])
 
     def value(self, obs: dict) -> torch.Tensor:
         self.check_obs(obs, for_critic=True)
