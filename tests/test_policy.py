@@ -129,7 +129,7 @@ def test_init_scale_is_the_std_of_the_initial_noise():
     with torch.no_grad():
         assert torch.equal(half.sample(obs, noise=noise).latents, base.sample(obs, noise=scaled).latents)
         assert not torch.equal(half.sample(obs, noise=noise).latents, base.sample(obs, noise=noise).latents)
-        # 0: every chunk starts at the mode, so a deterministic chain no longer depends on the draw.
+        # 0: every chunk starts from x_K = 0, so a deterministic chain no longer depends on the draw.
         half.cfg.noise.init_scale = 0.0
         other = noise.clone()
         other[:, 0] = torch.randn(3, 4, 3, generator=g)

@@ -17,9 +17,9 @@ class NoiseConfig:
     stochastic_steps: int = 0  # K': only the last K' transitions are stochastic and fine-tuned (0 = all K)
     clip_sample: float = 1.0  # clip the predicted clean action (normalized units); 0 disables
     # Std of the initial noise x_K (a sampling temperature): 1 = the distribution the head was trained on,
-    # 0 = every chunk starts at the mode. The initial draw is not a fine-tuned transition, yet it decides
-    # much of the outcome (benchmarks/bench_spread.py: on `place` the BC policy, deterministic after x_K,
-    # succeeds from 75% of the starts with some draws and fails with others).
+    # 0 = every chunk starts from x_K = 0 (the mode of the noise). The initial draw is not a fine-tuned
+    # transition, yet it decides much of the outcome (benchmarks/bench_spread.py: on `place` the BC policy,
+    # deterministic after x_K, succeeds from 75% of the starts with some draws and fails with others).
     init_scale: float = 1.0
 
 
