@@ -72,9 +72,13 @@ def main():
     ap.add_argument("--episodes", type=int, default=128)
     ap.add_argument("--std-floor", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--init-scale", type=float, default=None, help="std of the initial noise (default: the policy's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    policy = VLAPolicy.from_pretrained(a.policy, noise={"stochastic_steps": 5, "std_floor": a.std_floor})
+    noise = {"stochastic_steps": 5, "std_floor": a.std_floor}
+    if a.init_scale is not None:
+        noise["init_scale"] = a.init_scale
+    policy = VLAPolicy.from_pretrained(a.policy, noise=noise)
     res = failure_modes(policy, a.episodes, a.deterministic, seed=a.seed)
     print(a.policy, "deterministic" if a.deterministic else f"sampled (floor {a.std_floor})",
           ", ".join(f"{k}: {v:.3f}" if k != "episodes" else f"{k}: {v}" for k, v in res.items()))
