@@ -5,8 +5,9 @@ gradients of independent rollout batches. Not a test.
 
 Each batch is one runner collection (envs x decisions) from the same policy; its gradient is that of the
 unclipped surrogate (ratio x normalized advantage) at ratio 1, i.e. the score-function estimate DPPO's
-first minibatch step follows. The critic is first fitted on a few batches so that the advantages are the
-GAE ones of mid-training. A cosine near 0 means each batch's step points mostly in its own random direction.
+first minibatch step follows. The critic is first fitted on a few batches (DPPO's critic warm-up:
+critic-only updates) so that the advantages are the GAE ones of mid-training. A cosine near 0 means each
+batch's step points mostly in its own random direction.
 """
 
 from __future__ import annotations
@@ -40,18 +41,11 @@ def batch_gradient(runner, params) -> torch.Tensor:
     return torch.cat([t.flatten() for t in total])
 
 
-def fit_critic(runner, batches: int = 6, steps: int = 20):
-    algo, policy = runner.algo, runner.policy
+def fit_critic(runner, batches: int):
+    """DPPO's own critic warm-up (``n_critic_warmup_itr`` >= batches): critic-only updates."""
     for _ in range(batches):
         buf, _ = runner.collect()
-        adv, ret = algo.compute_advantages(buf)
-        flat = buf.flatten(adv, ret)
-        for _ in range(steps):
-            idx = torch.randperm(flat["n"])[:256]
-            loss = ((policy.value(buf.index_obs(flat, idx)) - flat["ret"][idx]) ** 2).mean()
-            algo.critic_opt.zero_grad()
-            loss.backward()
-            algo.critic_opt.step()
+        runner.algo.update(buf)
 
 
 def main():
@@ -60,6 +54,7 @@ def main():
     ap.add_argument("--envs", type=int, default=64)
     ap.add_argument("--decisions", type=int, default=10, help="decisions per env per batch")
     ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--critic-batches", type=int, default=6, help="critic warm-up batches before measuring")
     ap.add_argument("--init-scale", type=float, default=1.0)
     ap.add_argument("--stochastic-steps", type=int, default=5)
     ap.add_argument("--std-floor", type=float, default=0.1)
@@ -71,12 +66,12 @@ def main():
     policy = VLAPolicy.from_pretrained(a.policy, noise={"stochastic_steps": a.stochastic_steps,
                                                         "std_floor": a.std_floor, "init_scale": a.init_scale})
     with tempfile.TemporaryDirectory() as log_dir:
-        cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(n_critic_warmup_itr=0),
+        cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(n_critic_warmup_itr=a.critic_batches),
                           runner=RunnerConfig(num_envs=a.envs, steps_per_iter=a.decisions, eval_every=0,
                                               checkpoint_every=0, seed=a.seed, resume=False, progress=False,
                                               log_dir=log_dir))
         runner = Runner(cfg, policy=policy, env=make_env("place", a.envs, seed=a.seed))
-        fit_critic(runner)
+        fit_critic(runner, a.critic_batches)
         params = runner.algo.actor_params
         grads = torch.stack([batch_gradient(runner, params) for _ in range(a.batches)])
         runner.env.close()
