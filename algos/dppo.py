@@ -49,7 +49,10 @@ class DPPOConfig:
     actor_lr: float = 3e-5  # on `place`, 1e-4 drove approx KL to ~0.05 per minibatch and lost success (BENCHMARKS.md)
     critic_lr: float = 1e-3
     max_grad_norm: float = 1.0
-    target_kl: float = 0.0  # stop the epoch loop once approx KL exceeds this (0 = off)
+    # Stop the epoch loop once a minibatch's approx KL (per transition) exceeds this; 0 = off. A guard: at the
+    # default lr the measured approx KL on `place` is 0.008-0.02 per minibatch (BENCHMARKS.md), while the
+    # runs that lost success at lr 1e-4 / 3e-4 went to 0.05-0.5. The Gaussian PPO control uses 0.03 too.
+    target_kl: float = 0.03
     norm_adv: bool = True
     # Divide rewards by the running std of discounted returns. Off by default: with outcome-only {0, 1}
     # rewards that std follows the success rate (tiny near 0% and 100%), so the critic's targets are
@@ -66,11 +69,24 @@ class DPPOConfig:
     # Truncations of diverged envs (``info["unstable"]``) are never counted as failures: the runner gives
     # them next_value = value, so their TD error is ~0 (outcome unknown).
     bootstrap_truncated: bool = False
+    # The critic reads the episode clock (obs["episode_time"], added by the runner): with the deadline a
+    # failure, V then is a function of its input (VLAPolicy.enable_critic_clock rebuilds the critic).
+    critic_clock: bool = True
     advantage: str = "gae"  # "gae" (critic) or "group" (critic-free, group/instruction-relative outcome)
     freeze_early_steps: bool = True  # the deterministic early steps run with frozen pretrained weights
-    # False: fine-tune only the action head (the DiT over the chunk); the observation encoders and trunk
-    # (the "VLM" part) stay at their pretrained weights, as when RL fine-tunes only a VLA's action expert.
-    train_encoders: bool = True
+    # False (default): fine-tune only the action head; the observation encoders and trunk (the "VLM" part)
+    # stay at their pretrained weights, as when RL fine-tunes only a VLA's action expert. With
+    # freeze_early_steps the deterministic early steps then run the *whole* pretrained base, so the latent
+    # entering the fine-tuned window never moves outside the ratio and clip. True also trains the encoders
+    # and trunk, which the frozen early head shares: the early latents then drift with them.
+    train_encoders: bool = False
+
+
+def refuse_steered(policy, algo: str) -> None:
+    """Chain-likelihood algorithms need the chain's stochastic transitions; a DSRL-steered policy has none."""
+    if getattr(policy, "noise_actor", None) is not None:
+        raise ValueError(f"{algo}: this policy carries a DSRL noise actor (its chain is deterministic); fine-tune "
+                         "the base policy it was trained from, or keep training it with algo=dsrl")
 
 
 class RunningMeanStd:
@@ -161,6 +177,7 @@ class DPPO:
         if cfg.advantage not in ("gae", "group"):
             raise ValueError(f"dppo.advantage must be 'gae' or 'group', got {cfg.advantage!r}")
         self.policy = policy
+        refuse_steered(policy, "dppo")
         if cfg.freeze_early_steps:
             policy.freeze_early_steps()
         self.pretrained = None
@@ -168,6 +185,8 @@ class DPPO:
             self.pretrained = copy.deepcopy(policy).eval()
             for p in self.pretrained.parameters():
                 p.requires_grad_(False)
+        if cfg.critic_clock and self.uses_critic:
+            policy.enable_critic_clock()
         self.actor_params = policy.actor_parameters() if cfg.train_encoders else list(policy.head.parameters())
         trained = {id(p) for p in self.actor_params}
         for p in policy.actor_parameters():  # no gradients computed for what is not trained

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dppo import group_advantages
+from .dppo import group_advantages, refuse_steered
 
 
 @dataclass
@@ -56,6 +56,7 @@ class RWR:
     def __init__(self, policy, cfg: RWRConfig | None = None):
         self.cfg = cfg or RWRConfig()
         self.policy = policy
+        refuse_steered(policy, "rwr")
         self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr)
         self.iteration = 0
 

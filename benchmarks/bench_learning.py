@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from vla_rl.algos import DPPOConfig, RWRConfig
+from vla_rl.algos import DPPOConfig, DSRLConfig, RWRConfig
 from vla_rl.envs import make_env
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
@@ -52,7 +53,8 @@ def dppo_config(**kw) -> DPPOConfig:
 
 
 def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eval_episodes, threads,
-           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1, noise_overrides=None):
+           eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1, noise_overrides=None,
+           dsrl_overrides=None, minutes=0.0, tag=""):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     policy = VLAPolicy.from_pretrained(pol_dir, noise={**(RWR_NOISE if algo == "rwr" else NOISE), **(noise_overrides or {})})
@@ -60,10 +62,11 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
     iters = max(1, budget // per_iter)
     cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": 3e-5 if lr is None else lr, **(dppo_overrides or {})}),
                       rwr=RWRConfig(lr=1e-5 if lr is None else lr, beta=2.0, update_epochs=4),
+                      dsrl=DSRLConfig(**(dsrl_overrides or {})),
                       runner=RunnerConfig(iterations=iters, num_envs=num_envs, steps_per_iter=steps_per_iter,
                                           group_size=group_size,
                                           eval_every=0, checkpoint_every=0, seed=seed, resume=False, progress=False,
-                                          log_dir=str(out / f"{algo}_s{seed}")))
+                                          log_dir=str(out / f"{algo}{tag}_s{seed}")))
     r = Runner(cfg, policy=policy, env=make_env(task, num_envs, seed=seed, workers=workers))
     eval_env = make_env(task, 16, seed=seed + 100)
     curve, ecurve, t0, t_eval = [], [], time.time(), 0.0
@@ -78,22 +81,29 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
     t_eval += ev_point()
     next_eval = eval_every_steps
     for _ in range(iters):
-        buf, roll = r.collect()
-        st = r.algo.update(buf)
+        if getattr(r.algo, "off_policy", False):  # DSRL: gradient steps interleaved with the decisions
+            st, roll = r.collect_off_policy()
+        else:
+            buf, roll = r.collect()
+            st = r.algo.update(buf)
         r.iteration += 1
         if roll["success"]:
             curve.append((r.env_steps, sum(roll["success"]) / len(roll["success"]), len(roll["success"])))
         if r.env_steps >= next_eval and r.iteration < iters:
             next_eval += eval_every_steps
             t_eval += ev_point()
-        if r.iteration % 5 == 0:
+        if r.iteration % max(1, 5 * 10 // steps_per_iter) == 0:
             print(f"{algo} s{seed} it {r.iteration}/{iters} steps {r.env_steps} "
                   f"train_succ {curve[-1][1] if curve else float('nan'):.2f} "
                   f"ev {st.get('explained_variance', float('nan')):.2f} kl {st.get('approx_kl', 0):.4f} clip {st.get('clip_frac', 0):.2f} "
+                  f"q {st.get('q', float('nan')):.3f} alpha {st.get('alpha', float('nan')):.4f} ent {st.get('entropy', float('nan')):.1f} "
                   f"t {time.time() - t0:.0f}s", flush=True)
+        if minutes and time.time() - t0 - t_eval > minutes * 60:
+            print(f"{algo} s{seed}: training wall-clock budget of {minutes} min reached at {r.env_steps} env steps", flush=True)
+            break
     train_time = time.time() - t0 - t_eval
     r.env.close()
-    r.policy.save_pretrained(out / f"{algo}_s{seed}" / "final")
+    r.policy.save_pretrained(out / f"{algo}{tag}_s{seed}" / "final")
     ev = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, seed=seed + 100)
     ecurve.append((r.env_steps, ev["success_rate"], eval_episodes))
     det = evaluate(policy, make_env(task, 16, seed=seed + 100), eval_episodes, deterministic=True, seed=seed + 100)
@@ -209,9 +219,10 @@ def cmd_run(a):
         res = rl_run(a.algo, a.pretrained, a.task, a.budget, a.seed, a.num_envs, a.steps_per_iter, out,
                      a.eval_episodes, a.threads, eval_every_steps=a.eval_every, lr=a.lr,
                      dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers,
-                     noise_overrides=_overrides(a.noise))
+                     noise_overrides=_overrides(a.noise), dsrl_overrides=_overrides(a.dsrl), minutes=a.minutes,
+                     tag=a.tag)
     res.update(algo=a.algo, seed=a.seed, budget=a.budget, pretrained=a.pretrained, wall_s=time.time() - t0)
-    res.update(variant=a.tag, dppo_overrides=_overrides(a.dppo), noise_overrides=_overrides(a.noise), num_envs=a.num_envs,
+    res.update(variant=a.tag, dppo_overrides=_overrides(a.dppo), dsrl_overrides=_overrides(a.dsrl), noise_overrides=_overrides(a.noise), num_envs=a.num_envs,
                steps_per_iter=a.steps_per_iter, threads=a.threads, workers=a.workers)
     (out / f"result_{a.algo}{a.tag}_s{a.seed}.json").write_text(json.dumps(res, indent=1))
     print(f"{a.algo} seed {a.seed}: success {res['success']:.3f} ({res['wall_s']:.0f}s)", flush=True)
@@ -229,12 +240,13 @@ def cmd_pretrain(a):
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     t0 = time.time()
-    d = collect_demos(a.task, a.demos, out / f"demos_{a.demos}", num_envs=8, noise=a.noise, seed=a.seed)
+    d = collect_demos(a.task, a.demos, out / f"demos_{a.demos}_s{a.seed}", num_envs=8, noise=a.noise, seed=a.seed)
     t1 = time.time()
     c = PretrainConfig(data=d["path"], out=str(out / a.name), steps=a.steps, size="tiny", batch_size=256,
                        lr=a.lr, seed=a.seed, progress=False)
     c.policy.language_encoder, c.policy.horizon, c.policy.exec_steps = "hash", a.horizon, a.exec_steps
     c.policy.noise.sample_steps = 10
+    c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(c), OmegaConf.from_dotlist(a.set)))
     pretrain(c)
     print(f"collected {d['written']} demos in {t1 - t0:.0f}s, pretrained {a.steps} steps in {time.time() - t1:.0f}s "
           f"-> {out / a.name}", flush=True)
@@ -289,7 +301,7 @@ def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--algo", choices=["dppo", "rwr", "sb3", "pretrained"], required=True)
+    r.add_argument("--algo", choices=["dppo", "rwr", "dsrl", "sb3", "pretrained"], required=True)
     r.add_argument("--task", default="place")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--budget", type=int, default=100_000, help="env steps per run")
@@ -304,6 +316,8 @@ def main():
     r.add_argument("--dppo", nargs="*", default=[], metavar="KEY=VALUE", help="DPPOConfig overrides")
     r.add_argument("--noise", nargs="*", default=[], metavar="KEY=VALUE",
                    help="sampler overrides (NoiseConfig), e.g. init_scale=0")
+    r.add_argument("--dsrl", nargs="*", default=[], metavar="KEY=VALUE", help="DSRLConfig overrides")
+    r.add_argument("--minutes", type=float, default=0.0, help="stop training after this many wall-clock minutes")
     r.add_argument("--group-size", type=int, default=0, help="envs per group of identical starts (advantage=group)")
     r.add_argument("--tag", default="", help="suffix of the result file (variants of one algo)")
     r.add_argument("--out", default="runs/bench_learning")
@@ -316,6 +330,7 @@ def main():
     q.add_argument("--horizon", type=int, default=8, help="action chunk length H")
     q.add_argument("--exec-steps", type=int, default=4, help="actions executed per chunk")
     q.add_argument("--name", default="bc", help="checkpoint directory name under --out")
+    q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PretrainConfig overrides (dotted)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--out", default="runs/bench_learning")

@@ -36,6 +36,9 @@ class StubPolicy(nn.Module):
     def value(self, obs):
         return self.values
 
+    def enable_critic_clock(self):  # the stub's values are fixed
+        pass
+
 
 def test_dppo_loss_hand_computed():
     new = torch.log(torch.tensor([[1.5, 0.5], [1.05, 0.7]]))
@@ -212,3 +215,29 @@ def test_train_encoders_false_moves_only_the_action_head(tmp_path):
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("head.") for k in moved)
     assert all(k.startswith(("head.", "critic.")) for k in moved), sorted(moved)
+
+
+@pytest.mark.parametrize("train_encoders", [False, True])
+def test_early_steps_stay_frozen_through_an_update(tmp_path, train_encoders):
+    """By default DPPO's deterministic early steps run the fully frozen base (early head + encoders and trunk):
+    the latent entering the fine-tuned window is identical before and after an update. Training the encoders
+    moves it (the check can fail)."""
+    from vla_rl.envs.toy import ToyGoalEnv
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    from toy_utils import pretrain_toy
+
+    policy = pretrain_toy(steps=50, seed=0, stochastic_steps=2)  # K = 5: steps 0-2 deterministic
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=train_encoders, actor_lr=1e-2, update_epochs=2),
+                      runner=RunnerConfig(iterations=1, num_envs=16, steps_per_iter=2, eval_every=0, checkpoint_every=0,
+                                          log_dir=str(tmp_path / "run"), progress=False))
+    runner = Runner(cfg, policy=policy, env=ToyGoalEnv(16, seed=0))
+    obs, _ = toy_demos(16, 4, seed=3)
+    noise = torch.randn(16, 6, 4, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = policy.sample(obs, noise=noise)
+    runner.train()
+    with torch.no_grad():
+        after = policy.sample(obs, noise=noise)
+    assert not torch.equal(before.actions, after.actions)  # the fine-tuned steps did move
+    assert torch.equal(before.latents[:, 0], after.latents[:, 0]) != train_encoders

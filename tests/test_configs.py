@@ -19,6 +19,6 @@ def test_preset_loads(path):
     kind = path.parent.name
     if kind == "train":
         cfg = load_train_config([path], [])
-        assert cfg.algo in ("dppo", "rwr")
+        assert cfg.algo in ("dppo", "rwr", "dsrl")
     else:
         load_config(SCHEMAS[kind], [path])

@@ -228,3 +228,37 @@ def test_fine_tuned_policy_reloads_and_exports_with_its_frozen_early_head(tmp_pa
     with torch.no_grad():
         ref = policy.sample(obs, noise=noise).actions.numpy()
     assert np.abs(runtime_actions(rt, obs, noise) - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("deterministic,head", [(False, "dit"), (True, "mlp")])
+def test_bundle_carries_the_dsrl_noise_actor(tmp_path, deterministic, head):
+    """A DSRL-steered policy exports its noise actor: x_0 = b tanh(mean + std noise[:, 0]) (or the mode)
+    inside the graph, then the deterministic chain -- the same actions as torch, reloaded from disk too."""
+    policy = tiny_policy("ddim")
+    if head == "mlp":
+        policy.cfg.head = "mlp"
+        policy.head = policy.make_head()
+    policy.attach_noise_actor(hidden=[16, 16])
+    with torch.no_grad():
+        for p in policy.noise_actor.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    policy.save_pretrained(tmp_path / "ckpt")
+    reloaded = VLAPolicy.from_pretrained(tmp_path / "ckpt")
+    out = export_bundle(reloaded, tmp_path / "bundle", deterministic=deterministic)
+    rt = PolicyRuntime.load(out)
+    obs, noise = random_obs(policy, 3)
+    with torch.no_grad():
+        ref = policy.sample(obs, deterministic=deterministic, noise=noise).actions.numpy()
+        plain = policy.sample(obs, noise=noise, init_noise=noise[:, 0]).actions.numpy()
+    got = runtime_actions(rt, obs, noise)
+    assert np.abs(got - ref).max() <= TOL
+    assert np.abs(got - plain).max() > 1e-2  # the actor, not the raw noise, set x_0
+    if not deterministic:  # the actor's draw reads noise[:, 0]; the chain's later noise is unused
+        first = noise.clone()
+        first[:, 0] += 1.0
+        assert np.abs(runtime_actions(rt, obs, first) - ref).max() > 1e-3
+        later = noise.clone()
+        later[:, 1:] += 1.0
+        assert np.abs(runtime_actions(rt, obs, later) - ref).max() <= TOL
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["denoising"]["noise_actor"] == {"bound": 1.5} and m["denoising"]["stochastic_indices"] == []

@@ -25,9 +25,11 @@ def test_dppo_fixes_the_wrong_mode(tmp_path):
     pre = evaluate(policy, ToyGoalEnv(256), 512, seed=1)["success_rate"]
     assert 0.25 <= pre <= 0.75, pre
     # The toy's deadline is part of the task (one decision per episode), so a timeout is a failure:
-    # bootstrap_truncated=False. Outcome rewards are already in [0, 1]: no running reward scaling.
+    # bootstrap_truncated=False. Outcome rewards are already in [0, 1]: no running reward scaling. The toy's
+    # demos ignore the goal bit, so BC never taught the encoders to carry it: they are trained too
+    # (train_encoders=True; with the default, head only, the same run ends at ~0.5).
     cfg = TrainConfig(algo="dppo",
-                      dppo=DPPOConfig(actor_lr=1e-3, critic_lr=3e-3, update_epochs=10, num_minibatches=1,
+                      dppo=DPPOConfig(train_encoders=True, actor_lr=1e-3, critic_lr=3e-3, update_epochs=10, num_minibatches=1,
                                       clip_ploss_coef=0.2, clip_ploss_coef_base=0.2, gamma_denoising=0.9,
                                       bootstrap_truncated=False,
                                       reward_scale_running=False),

@@ -97,3 +97,18 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert const(50) == pytest.approx(0.51) and const(1099) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(PretrainConfig(lr_schedule="linear"))
+
+
+def test_stacked_tensors_match_per_sample_items(tmp_path):
+    """DemoDataset.tensors() (what pretrain batches from) holds exactly the samples __getitem__ gives."""
+    rng = np.random.default_rng(0)
+    eps = [{"action": rng.normal(size=(n, 2)).astype(np.float32), "state": rng.normal(size=(n, 3)).astype(np.float32),
+            "privileged": rng.normal(size=(n, 1)).astype(np.float32), "instruction": f"task {n}"} for n in (3, 7, 1)]
+    ds = DemoDataset(eps, horizon=4)
+    t = ds.tensors()
+    assert len(t["instruction"]) == len(ds) == 11
+    for i in range(len(ds)):
+        s = ds[i]
+        for k in ("state", "action", "action_mask", "privileged"):
+            assert torch.equal(t[k][i], s[k]), (i, k)
+        assert t["instruction"][i] == s["instruction"]

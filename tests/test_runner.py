@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -95,3 +97,38 @@ def test_critic_warmup_freezes_actor_and_group_advantage_runs(tmp_path):
     buf, _ = r2.collect()
     assert buf.data["group"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert "policy_loss" in r2.algo.update(buf)
+
+
+def test_dppo_critic_reads_the_episode_clock(tmp_path):
+    """DPPO's critic gets obs["episode_time"] = control steps used / time limit, counted per env by the runner
+    (reset to 0 with each new episode), and V changes with it."""
+    import torch
+
+    from vla_rl.algos import DPPOConfig
+    from vla_rl.envs.toy import ToyGoalEnv
+    from vla_rl.policy import ObservationError
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    from toy_utils import pretrain_toy
+
+    policy = pretrain_toy(steps=5, seed=0)
+    policy.cfg.exec_steps = 2  # two decisions per episode of 4 control steps
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(update_epochs=1),
+                      runner=RunnerConfig(iterations=1, num_envs=8, steps_per_iter=5, eval_every=0, checkpoint_every=0,
+                                          log_dir=str(tmp_path), progress=False))
+    runner = Runner(cfg, policy=policy, env=ToyGoalEnv(8, seed=0, max_episode_steps=4))
+    assert policy.cfg.critic_clock and policy.critic.use_clock
+    buf, _ = runner.collect()
+    t = buf.data["obs"]["episode_time"]  # [T, N]
+    done = (buf.data["terminated"] | buf.data["truncated"])
+    assert torch.equal(t[0], torch.zeros(8))
+    for step in range(1, 5):  # 0.5 after an unfinished first decision, 0 after any episode end
+        want = torch.where(done[step - 1], torch.zeros(8), t[step - 1] + 0.5)
+        assert torch.allclose(t[step], want), step
+    obs = {"state": torch.zeros(2, 3), "instruction": ["go to the correct goal"] * 2}
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.critic.net[0].weight)
+        v = policy.value({**obs, "episode_time": torch.tensor([0.0, 1.0])})
+    assert v[0] != v[1]
+    with pytest.raises(ObservationError, match="episode_time"):
+        policy.value(obs)

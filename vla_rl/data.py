@@ -159,6 +159,27 @@ class DemoDataset(torch.utils.data.Dataset):
             sample["rgb"] = torch.from_numpy(ep["rgb"][t])
         return sample
 
+    def tensors(self) -> dict:
+        """Every sample at once, stacked (``state`` [N, S], ``action`` [N, H, A], ``action_mask`` [N, H],
+        ``privileged``/``rgb`` when present, ``instruction`` a list): minibatches are then one index
+        operation instead of N Python ``__getitem__`` calls, which dominated the BC step on a small head."""
+        e_idx = np.array([e for e, _ in self.index])
+        t_idx = np.array([t for _, t in self.index])
+        lengths = np.array([len(ep["action"]) for ep in self.episodes])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat = lambda key: torch.from_numpy(np.concatenate([ep[key] for ep in self.episodes]))  # noqa: E731
+        steps = t_idx[:, None] + np.arange(self.horizon)[None]
+        chunk_rows = starts[e_idx][:, None] + np.minimum(steps, lengths[e_idx][:, None] - 1)
+        rows = torch.from_numpy(starts[e_idx] + t_idx)
+        out = {"state": flat("state")[rows], "action": flat("action")[torch.from_numpy(chunk_rows)],
+               "action_mask": torch.from_numpy(steps < lengths[e_idx][:, None]),
+               "instruction": [self.episodes[e]["instruction"] for e in e_idx]}
+        if all("privileged" in ep for ep in self.episodes):
+            out["privileged"] = flat("privileged")[rows]
+        if self.use_rgb:
+            out["rgb"] = flat("rgb")[rows]
+        return out
+
     def all_actions(self) -> np.ndarray:
         return np.concatenate([ep["action"] for ep in self.episodes])
 

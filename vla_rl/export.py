@@ -59,7 +59,8 @@ class PolicyGraph(nn.Module):
         super().__init__()
         self.policy = policy
         self.noise_process = noise_process
-        self.stochastic = set() if deterministic else set(noise_process.stochastic_indices)
+        self.deterministic = deterministic
+        self.stochastic = graph_stochastic(policy, noise_process, deterministic)
         self.conv_hw = None
         if type(policy.images) is ImageEncoder:
             h, w = policy.cfg.image_size
@@ -98,7 +99,14 @@ class PolicyGraph(nn.Module):
 
     def forward(self, state, language, noise, rgb=None):
         cond = self.encode(state, language, rgb)
-        x = noise[:, 0] * self.policy.cfg.noise.init_scale
+        actor = self.policy.noise_actor
+        if actor is not None:  # DSRL: the steered x_K, then a deterministic chain
+            if self.deterministic:  # the mode; "+ 0 * noise" keeps the graph's noise input (the runtime feeds one)
+                x = actor.mode(cond.flatten(1)) + 0.0 * noise[:, 0]
+            else:
+                x = actor.sample(cond.flatten(1), eps=noise[:, 0])[0]
+        else:
+            x = noise[:, 0] * self.policy.cfg.noise.init_scale
         for k in range(self.noise_process.num_steps):
             # k as a constant [1] tensor (broadcast over the batch): the schedule terms (alpha_t, sqrt(1 - alpha_t),
             # the time embedding, ...) fold into constants computed by torch, bit-identical to ``sample``. Computed
@@ -110,6 +118,11 @@ class PolicyGraph(nn.Module):
             mean, std = self.noise_process.transition(out, x, kk, is_stoch)
             x = mean + std * noise[:, k + 1] if is_stoch else mean
         return self.policy.normalizer.unnormalize_action(x.clamp(-1, 1))
+
+
+def graph_stochastic(policy: VLAPolicy, noise_process, deterministic: bool) -> set[int]:
+    """The chain steps the graph samples: none when deterministic or steered by a noise actor (DSRL)."""
+    return set() if deterministic or policy.noise_actor is not None else set(noise_process.stochastic_indices)
 
 
 class MiniLMGraph(nn.Module):
@@ -358,7 +371,9 @@ def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, langu
         "denoising": {
             "kind": noise_cfg.kind,
             "steps": K,
-            "stochastic_indices": [] if deterministic else list(noise_process.stochastic_indices),
+            "stochastic_indices": sorted(graph_stochastic(policy, noise_process, deterministic)),
+            # DSRL: x_0 is the noise actor's b * tanh(mean + std * noise[:, 0]) (its mode when deterministic)
+            "noise_actor": ({"bound": policy.cfg.noise_actor.bound} if policy.noise_actor is not None else None),
             "deterministic": bool(deterministic),
             "eta": noise_cfg.eta,
             "std_floor": noise_cfg.std_floor,

@@ -18,7 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from .data import DemoDataset, collate, load_episodes
+from .data import DemoDataset, load_episodes
 from .policy import DIT_SIZES, PolicyConfig, VLAPolicy
 
 
@@ -83,10 +83,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     for p in ema.parameters():
         p.requires_grad_(False)
 
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=min(cfg.batch_size, len(dataset)), shuffle=True, drop_last=True,
-        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    data = dataset.tensors()
+    n, batch_size = len(dataset), min(cfg.batch_size, len(dataset))
+    gen = torch.Generator().manual_seed(cfg.seed)
     params = policy.actor_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -96,7 +95,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     step, t0 = 0, time.time()
     meta = {"stage": "pretrain", "data": str(cfg.data), "episodes": len(episodes)}
     while step < cfg.steps:
-        for batch in loader:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):  # epochs of shuffled batches, last partial dropped
+            idx = perm[start:start + batch_size]
+            batch = {k: ([v[i] for i in idx.tolist()] if k == "instruction" else v[idx]) for k, v in data.items()}
             obs = {k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in batch.items()
                    if k in ("state", "rgb", "privileged", "instruction")}
             loss = policy.bc_loss(obs, batch["action"].to(cfg.device), batch["action_mask"].to(cfg.device))
@@ -114,7 +116,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 writer.add_scalar("pretrain/bc_loss", loss.item(), step)
                 writer.add_scalar("pretrain/grad_norm", float(grad_norm), step)
                 writer.add_scalar("pretrain/lr", sched.get_last_lr()[0], step)
-                writer.add_scalar("pretrain/samples_per_s", step * loader.batch_size / (time.time() - t0), step)
+                writer.add_scalar("pretrain/samples_per_s", step * batch_size / (time.time() - t0), step)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 ema.save_pretrained(out, extra={**meta, "step": step})

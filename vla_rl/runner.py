@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from vla_rl.algos import DPPO, RWR, DPPOConfig, RWRConfig
+from vla_rl.algos import DPPO, DSRL, RWR, DPPOConfig, DSRLConfig, RWRConfig
 from vla_rl.checkpoint import read_json, write_dir_atomically
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
@@ -50,9 +50,10 @@ class TrainConfig:
     # {"noise": {"stochastic_steps": 5, "std_floor": 0.1}} (see VLAPolicy.from_pretrained)
     policy_overrides: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # passed to the env factory: {"task": ..., **kwargs}
-    algo: str = "dppo"  # "dppo" | "rwr"
+    algo: str = "dppo"  # "dppo" | "rwr" | "dsrl"
     dppo: DPPOConfig = field(default_factory=DPPOConfig)
     rwr: RWRConfig = field(default_factory=RWRConfig)
+    dsrl: DSRLConfig = field(default_factory=DSRLConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
@@ -61,7 +62,9 @@ def make_algo(name: str, policy, cfg: TrainConfig):
         return DPPO(policy, cfg.dppo)
     if name == "rwr":
         return RWR(policy, cfg.rwr)
-    raise ValueError(f"algo must be 'dppo' or 'rwr', got {name!r}")
+    if name == "dsrl":
+        return DSRL(policy, cfg.dsrl)
+    raise ValueError(f"algo must be 'dppo', 'rwr' or 'dsrl', got {name!r}")
 
 
 def _default_env_factory(env_cfg: dict, num_envs: int, device: str):
@@ -95,12 +98,13 @@ class Runner:
         if rc.resume and (self.ckpt_dir / "state.json").is_file():
             self.load(self.ckpt_dir)
         self.writer = SummaryWriter(str(self.log_dir / "tb"))
-        self.gen = torch.Generator(device=self.policy.head.pos_embed.device).manual_seed(rc.seed + 7919 * self.iteration)
+        self.gen = torch.Generator(device=self.policy.device).manual_seed(rc.seed + 7919 * self.iteration)
         if getattr(self, "_gen_state", None) is not None:
             self.gen.set_state(self._gen_state)
         self.obs = self._reset(rc.seed + self.iteration)
 
     def _reset(self, seed):
+        self.clock = torch.zeros(self.env.num_envs)  # control steps into each env's episode
         if self.rc.group_size > 0:
             return self.env.reset_group(self.rc.group_size, seed=seed)
         return self.env.reset(seed=seed)
@@ -117,17 +121,21 @@ class Runner:
             group = torch.tensor([names.setdefault(s, len(names)) for s in self.obs["instruction"]])
         t0 = time.perf_counter()
         use_v = getattr(self.algo, "uses_critic", False)
+        timed = self._timed if pol.cfg.critic_clock else (lambda o, _clock: o)
         n_exec = 0
         # V(next obs) of one step is V(obs) of the next: the critic runs once per observation.
-        value = pol.value(self.obs) if use_v else torch.zeros(env.num_envs)
+        value = pol.value(timed(self.obs, self.clock)) if use_v else torch.zeros(env.num_envs)
         for _ in range(rc.steps_per_iter):
-            obs = self.obs
+            obs = timed(self.obs, self.clock)
             chain = pol.sample(obs, generator=self.gen)
             nobs, reward, term, trunc, info = env.step(chain.actions[:, :pol.cfg.exec_steps])
-            value_nobs = pol.value(nobs) if use_v else torch.zeros(env.num_envs)
+            executed = info["steps_executed"].cpu().float()
+            done = (term | trunc).cpu()
+            clock_next = torch.where(done, torch.zeros_like(self.clock), self.clock + executed)
+            value_nobs = pol.value(timed(nobs, clock_next)) if use_v else torch.zeros(env.num_envs)
             next_value = value_nobs
             if use_v and trunc.any() and "final_obs" in info:
-                fv = pol.value(info["final_obs"])
+                fv = pol.value(timed(info["final_obs"], self.clock + executed))
                 next_value = torch.where(trunc.to(fv.device), fv, next_value)
             unstable = info.get("unstable", torch.zeros_like(trunc)).cpu() & trunc.cpu()
             if use_v and unstable.any():  # diverged env: outcome unknown, TD error ~0 (see DPPOConfig)
@@ -139,7 +147,7 @@ class Runner:
             ep["return"] += info["episode_return"].cpu()[ended].tolist()
             ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
             n_exec += int(info["steps_executed"].sum())
-            self.obs, value = nobs, value_nobs
+            self.obs, value, self.clock = nobs, value_nobs, clock_next
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
             self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
         buf.finalize()
@@ -147,16 +155,78 @@ class Runner:
         self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
         return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
 
+    def _timed(self, obs: dict, clock: torch.Tensor) -> dict:
+        """``obs`` plus ``episode_time``: the fraction of the env's time limit each episode has used."""
+        return {**obs, "episode_time": (clock / self._time_limit()).to(obs["state"].device)}
+
+    def _time_limit(self) -> float:
+        return float(getattr(getattr(self.env, "spec", None), "max_episode_steps", 0) or 100)
+
+    @torch.no_grad()
+    def collect_off_policy(self) -> tuple[dict, dict]:
+        """Off-policy algorithms (DSRL): act, store each decision in the algorithm's replay buffer and take
+        the gradient steps it owes after every decision (as SB3's ``train_freq=1``)."""
+        rc, pol, env, algo = self.rc, self.policy, self.env, self.algo
+        ep = {"success": [], "return": [], "length": []}
+        t0, n_exec, update_time, logs = time.perf_counter(), 0, 0.0, {}
+        limit = self._time_limit()
+        cond = pol.encode(self.obs)
+        for _ in range(rc.steps_per_iter):
+            obs = self.obs
+            actions, w, feats = algo.act(obs, cond, generator=self.gen)
+            nobs, reward, term, trunc, info = env.step(actions[:, :pol.cfg.exec_steps])
+            done, executed = (term | trunc).cpu(), info["steps_executed"].cpu().float()
+            next_cond = pol.encode(nobs)
+            last_obs, last_feats = nobs, next_cond.flatten(1)
+            if done.any():  # an ended episode's next state is its final observation, not the reset one
+                final = info["final_obs"]
+                fin_feats = pol.encode(final).flatten(1)
+                m = done.to(last_feats.device)[:, None]
+                last_feats = torch.where(m, fin_feats, last_feats)
+                last_obs = {k: v for k, v in final.items()} if algo.cfg.critic_privileged else nobs
+                if algo.cfg.critic_privileged:
+                    last_obs["privileged"] = torch.where(m, final["privileged"], nobs["privileged"])
+            # A diverged env's outcome is unknown: its decision is not stored.
+            keep = ~(info.get("unstable", torch.zeros_like(trunc)).cpu() & trunc.cpu())
+            # Success and the time limit both end the return: the clock is in the critic's input.
+            extra = algo.critic_extra(obs, self.clock / limit)
+            next_extra = algo.critic_extra(last_obs, (self.clock + executed) / limit)
+            if keep.all():
+                algo.observe(feats, extra, w, reward.cpu(), last_feats, next_extra, done)
+            else:
+                k = keep.nonzero().flatten()
+                algo.observe(feats[k], extra[k], w[k], reward.cpu()[k], last_feats[k], next_extra[k], done[k])
+            self.clock = torch.where(done, torch.zeros_like(self.clock), self.clock + executed)
+            ended = done
+            ep["success"] += info["success"].cpu()[ended].float().tolist()
+            ep["return"] += info["episode_return"].cpu()[ended].tolist()
+            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
+            n_exec += int(info["steps_executed"].sum())
+            self.obs, cond = nobs, next_cond
+            tu = time.perf_counter()
+            with torch.enable_grad():
+                for k, v in algo.update().items():
+                    logs.setdefault(k, []).append(v)
+            update_time += time.perf_counter() - tu
+        dt = time.perf_counter() - t0
+        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
+        stats = {k: sum(v) / len(v) for k, v in logs.items()}
+        stats["update_time"] = update_time
+        return stats, {"rollout_time": dt - update_time, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
+
     # ------------------------------------------------------------------ loop
     def train(self) -> Path:
         rc = self.rc
         bar = tqdm(range(self.iteration, rc.iterations), initial=self.iteration, total=rc.iterations,
                    disable=not rc.progress, desc=f"{self.cfg.algo}")
         for it in bar:
-            buf, roll = self.collect()
-            t0 = time.perf_counter()
-            stats = self.algo.update(buf)
-            stats["update_time"] = time.perf_counter() - t0
+            if getattr(self.algo, "off_policy", False):
+                stats, roll = self.collect_off_policy()
+            else:
+                buf, roll = self.collect()
+                t0 = time.perf_counter()
+                stats = self.algo.update(buf)
+                stats["update_time"] = time.perf_counter() - t0
             self.iteration = it + 1
             w, step = self.writer, self.env_steps
             if roll["success"]:
@@ -198,16 +268,23 @@ class Runner:
                  "algo": self.algo.extra_state(), "torch_rng": torch.get_rng_state().tolist(),
                  "gen_rng": self.gen.get_state().tolist(), "config": _jsonable(asdict(self.cfg))}
 
+        algo_tensors = self.algo.state_tensors() if hasattr(self.algo, "state_tensors") else {}
+
         def write(tmp: Path):
             self.policy.save_pretrained(tmp / "policy", extra={"iteration": self.iteration})
             save_file(tensors, str(tmp / "optim.safetensors"))
+            if algo_tensors:  # critics, targets, replay buffer of an off-policy algorithm
+                save_file({k: v.detach().cpu().contiguous() for k, v in algo_tensors.items()}, str(tmp / "algo.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state))
 
         return write_dir_atomically(path, write)
 
     def load(self, path: Path) -> None:
         state = read_json(path / "state.json")
-        loaded = VLAPolicy.from_pretrained(path / "policy", device=self.policy.head.pos_embed.device)
+        loaded = VLAPolicy.from_pretrained(path / "policy", device=self.policy.device)
+        if (loaded.noise_actor is None) != (self.policy.noise_actor is None):
+            raise ValueError(f"{path}: the checkpoint's policy and this run's algorithm ({self.cfg.algo}) disagree "
+                             "on the DSRL noise actor; resume with the algorithm that wrote it")
         self.policy.load_state_dict(loaded.state_dict())
         tensors = load_file(str(path / "optim.safetensors"))
         for name, opt in self.algo.optimizers().items():
@@ -221,7 +298,10 @@ class Runner:
                 pid, k = key.split("/", 1)
                 st.setdefault(int(pid), {})[k] = v
             opt.load_state_dict({"state": st, "param_groups": meta["param_groups"]})
-        self.algo.load_extra_state(state["algo"])
+        if hasattr(self.algo, "state_tensors"):
+            self.algo.load_extra_state(state["algo"], load_file(str(path / "algo.safetensors")))
+        else:
+            self.algo.load_extra_state(state["algo"])
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self._gen_state = torch.tensor(state["gen_rng"], dtype=torch.uint8)

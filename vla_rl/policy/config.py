@@ -35,6 +35,27 @@ class DiTConfig:
 
 
 @dataclass
+class MLPHeadConfig:
+    """Residual MLP action head (``PolicyConfig.head = "mlp"``)."""
+
+    hidden: int = 256
+    n_layers: int = 3  # residual blocks
+    time_dim: int = 32
+
+
+@dataclass
+class NoiseActorConfig:
+    """DSRL's actor over the chain's initial noise (``vla_rl.policy.noise_actor``); off unless enabled."""
+
+    enabled: bool = False
+    bound: float = 1.5  # |x_K| <= bound per coordinate (the published default)
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    log_std_init: float = -1.0
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+
+
+@dataclass
 class PolicyConfig:
     action_dim: int = 4
     state_dim: int = 8
@@ -52,15 +73,27 @@ class PolicyConfig:
     # head reads them, so the instruction can select what matters in the state and images (which object,
     # which container), as the VLM backbone of a VLA fuses them. 0 = the encoders' tokens as they are.
     fusion_layers: int = 2
+    # The action head: "dit" (a diffusion transformer over the chunk, cross-attending to the observation
+    # tokens) or "mlp" (a residual MLP over the flattened chunk and observation tokens, DPPO's head for
+    # state-based tasks; see BENCHMARKS.md "Behaviour cloning" for how the two compare on `place`).
+    head: str = "dit"
     dit: DiTConfig = field(default_factory=DiTConfig)
+    mlp_head: MLPHeadConfig = field(default_factory=lambda: MLPHeadConfig())
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     # A second, frozen DiT head that runs the deterministic early denoising steps (the ones before the
     # last noise.stochastic_steps). DPPO's freeze_early_steps sets it (a copy of the pretrained head) so
     # that fine-tuning moves only the fine-tuned steps; it is saved with the weights, so a reloaded,
     # resumed or exported policy samples exactly as the trained one did.
     early_head: bool = False
+    # With the noise actor enabled, sample() draws x_K from it (its mode when deterministic) and runs the
+    # whole chain deterministically: the pretrained chain is a fixed map from noise to actions (DSRL).
+    noise_actor: NoiseActorConfig = field(default_factory=NoiseActorConfig)
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
     critic_privileged: bool = True  # the critic may see privileged simulator state
+    # The critic also reads obs["episode_time"] (fraction of the env's time limit used; the runner adds it).
+    # Where the deadline cut is a failure, the value of a state depends on the time left: without the clock
+    # V is not a function of its input. DPPO turns it on (DPPOConfig.critic_clock).
+    critic_clock: bool = False
     critic_images: bool = False
 
 

@@ -81,3 +81,34 @@ class DiTActionHead(nn.Module):
             h = block(h, cond_tokens, c)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         return self.action_out(modulate(self.norm_out(h), shift, scale))
+
+
+class MLPActionHead(nn.Module):
+    """Residual MLP over the flattened chunk, the denoising time and the flattened observation tokens.
+
+    The head DPPO fine-tunes on state-based tasks (its ``DiffusionMLP``): no attention, so on a few
+    conditioning tokens it is several times cheaper per denoising step than the DiT and sees the exact
+    values of every conditioning token instead of an attention-weighted mix of them. Same interface as
+    :class:`DiTActionHead`; the number of conditioning tokens is fixed at construction.
+    """
+
+    def __init__(self, hidden: int, n_layers: int, cond_tokens: int, d_cond: int, action_dim: int, horizon: int,
+                 time_dim: int = 32):
+        super().__init__()
+        self.time_dim, self.horizon, self.action_dim = time_dim, horizon, action_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim))
+        self.inp = nn.Linear(horizon * action_dim + time_dim + cond_tokens * d_cond, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, hidden))
+            for _ in range(n_layers))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Mish(), nn.Linear(hidden, horizon * action_dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, cond_tokens):
+        time = self.time_mlp(timestep_embedding(t, self.time_dim)).expand(x.shape[0], -1)  # t may be [1] (export)
+        h = torch.cat([x.flatten(1), time, cond_tokens.flatten(1)], -1)
+        h = self.inp(h)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).view(-1, self.horizon, self.action_dim)

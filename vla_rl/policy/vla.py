@@ -24,8 +24,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, read_json, require_files, write_dir_atomically
 from .config import PolicyConfig
-from .dit import DiTActionHead
+from .dit import DiTActionHead, MLPActionHead
 from .encoders import ImageEncoder, LanguageEncoder, mlp
+from .noise_actor import NoiseActor
 from .noise import make_noise_process
 from .normalizer import Normalizer
 
@@ -61,17 +62,20 @@ class Critic(nn.Module):
         super().__init__()
         self.use_privileged = cfg.critic_privileged and cfg.privileged_dim > 0
         self.images = None
-        width = cfg.state_dim + (cfg.privileged_dim if self.use_privileged else 0) + 32
+        self.use_clock = cfg.critic_clock
+        width = cfg.state_dim + (cfg.privileged_dim if self.use_privileged else 0) + 32 + int(self.use_clock)
         if cfg.critic_images and cfg.cameras:
             self.images = ImageEncoder(len(cfg.cameras), cfg.image_channels, 1, 64)
             width += 64 * len(cfg.cameras)
         self.language = nn.Linear(language_dim, 32)
         self.net = mlp([width, *cfg.critic_hidden, 1])
 
-    def forward(self, state, privileged, language, rgb=None):
+    def forward(self, state, privileged, language, rgb=None, clock=None):
         parts = [state, self.language(language)]
         if self.use_privileged:
             parts.append(privileged)
+        if self.use_clock:
+            parts.append(clock.view(-1, 1))
         if self.images is not None:
             parts.append(self.images(rgb).flatten(1))
         return self.net(torch.cat(parts, -1)).squeeze(-1)
@@ -96,12 +100,49 @@ class VLAPolicy(nn.Module):
             layer = nn.TransformerEncoderLayer(d, cfg.dit.n_heads, int(d * cfg.dit.mlp_ratio), cfg.dit.dropout,
                                                activation="gelu", batch_first=True, norm_first=True)
             self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
-        self.head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon)
-        self.early_head = DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon) if cfg.early_head else None
+        self.head = self.make_head()
+        self.early_head = self.make_head() if cfg.early_head else None
         if self.early_head is not None:
             self.early_head.requires_grad_(False)
         self.critic = Critic(cfg, self.language.out_dim)
         self.noise = make_noise_process(cfg.noise)
+        self.noise_actor = self._make_noise_actor() if cfg.noise_actor.enabled else None
+
+    @property
+    def num_cond_tokens(self) -> int:
+        return 2 + (len(self.cfg.cameras) * self.cfg.image_tokens if self.cfg.cameras else 0)  # state, language, cameras
+
+    def _make_noise_actor(self) -> NoiseActor:
+        return NoiseActor(self.cfg.noise_actor, self.num_cond_tokens * self.cfg.dit.d_model, self.cfg.horizon,
+                          self.cfg.action_dim).to(self.device)
+
+    def attach_noise_actor(self, **overrides) -> NoiseActor:
+        """Give the policy a DSRL noise actor (``overrides`` patch ``NoiseActorConfig``) and freeze
+        everything else: from now on ``sample`` steers the deterministic chain through x_K. A policy
+        that already has one (a resumed or reloaded run) keeps it."""
+        if self.noise_actor is None:
+            for k, v in overrides.items():
+                if not hasattr(self.cfg.noise_actor, k):
+                    raise ValueError(f"unknown noise_actor option {k!r}")
+                setattr(self.cfg.noise_actor, k, v)
+            self.cfg.noise_actor.enabled = True
+            self.noise_actor = self._make_noise_actor()
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("noise_actor."))
+        return self.noise_actor
+
+    def make_head(self) -> nn.Module:
+        cfg = self.cfg
+        if cfg.head == "dit":
+            return DiTActionHead(cfg.dit, cfg.action_dim, cfg.horizon)
+        if cfg.head == "mlp":
+            m = cfg.mlp_head
+            return MLPActionHead(m.hidden, m.n_layers, self.num_cond_tokens, cfg.dit.d_model, cfg.action_dim, cfg.horizon, m.time_dim)
+        raise ValueError(f"policy.head must be 'dit' or 'mlp', got {cfg.head!r}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_proj[0].weight.device
 
     # ------------------------------------------------------------------ observations
     def check_obs(self, obs: dict, for_critic: bool = False) -> int:
@@ -138,7 +179,7 @@ class VLAPolicy(nn.Module):
     def encode(self, obs: dict) -> torch.Tensor:
         """Conditioning tokens [B, N, d]: proprio, language, camera tokens."""
         self.check_obs(obs)
-        device = self.head.pos_embed.device
+        device = self.device
         state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
         tokens = [self.state_proj(state)[:, None], self.language_proj(self.language(list(obs["instruction"])))[:, None]]
         if self.images is not None:
@@ -173,17 +214,32 @@ class VLAPolicy(nn.Module):
             return self.early_head
         return self.head
 
-    def sample(self, obs: dict, deterministic: bool = False, generator=None, noise: torch.Tensor | None = None) -> Chain:
-        """Draw an action chunk. ``noise`` [B, K+1, H, A] fixes x_0 and every step's Gaussian draw."""
-        cond = self.encode(obs)
+    def sample(self, obs: dict, deterministic: bool = False, generator=None, noise: torch.Tensor | None = None,
+               init_noise: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> Chain:
+        """Draw an action chunk. ``noise`` [B, K+1, H, A] fixes x_0 and every step's Gaussian draw.
+
+        ``init_noise`` [B, H, A] sets x_K directly (DSRL's steered noise; the transitions are then
+        deterministic); with a noise actor attached x_K comes from it (its mode when ``deterministic``,
+        else a draw that uses ``noise[:, 0]`` as its standard normal) and the chain is deterministic.
+        ``cond``: the observation's conditioning tokens when the caller has already encoded it."""
+        cond = self.encode(obs) if cond is None else cond
         b = cond.shape[0]
         H, A, K = self.cfg.horizon, self.cfg.action_dim, self.noise.num_steps
         if noise is None:
             noise = torch.randn((b, K + 1, H, A), generator=generator, device=cond.device)
         elif tuple(noise.shape) != (b, K + 1, H, A):
             raise ObservationError(f"noise must be [{b}, {K + 1}, {H}, {A}], got {tuple(noise.shape)}")
-        stochastic = set() if deterministic else set(self.stochastic_indices)
-        x = noise[:, 0] * self.cfg.noise.init_scale
+        steered = init_noise is not None or self.noise_actor is not None
+        stochastic = set() if deterministic or steered else set(self.stochastic_indices)
+        if init_noise is not None:
+            if tuple(init_noise.shape) != (b, H, A):
+                raise ObservationError(f"init_noise must be [{b}, {H}, {A}], got {tuple(init_noise.shape)}")
+            x = init_noise.to(cond.device, torch.float32)
+        elif self.noise_actor is not None:
+            feats = cond.flatten(1)
+            x = self.noise_actor.mode(feats) if deterministic else self.noise_actor.sample(feats, eps=noise[:, 0])[0]
+        else:
+            x = noise[:, 0] * self.cfg.noise.init_scale
         latents, log_probs = [], []
         for k in range(K):
             kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
@@ -220,7 +276,7 @@ class VLAPolicy(nn.Module):
 
     def value(self, obs: dict) -> torch.Tensor:
         self.check_obs(obs, for_critic=True)
-        device = self.head.pos_embed.device
+        device = self.device
         state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
         language = self.language(list(obs["instruction"]))
         if self.language.kind == "hash":  # the critic must not move the actor's shared embedding
@@ -228,7 +284,19 @@ class VLAPolicy(nn.Module):
         privileged = obs.get("privileged")
         privileged = privileged.to(device, torch.float32) if privileged is not None else None
         rgb = obs["rgb"].to(device) if self.critic.images is not None else None
-        return self.critic(state, privileged, language, rgb)
+        clock = None
+        if self.critic.use_clock:
+            if "episode_time" not in obs:
+                raise ObservationError("the critic reads the episode clock: obs['episode_time'] [B] (fraction of "
+                                       "the time limit used; vla_rl.runner adds it) is missing")
+            clock = obs["episode_time"].to(device, torch.float32)
+        return self.critic(state, privileged, language, rgb, clock)
+
+    def enable_critic_clock(self) -> None:
+        """Rebuild the (untrained after BC) critic so that it also reads ``obs["episode_time"]``."""
+        if not self.cfg.critic_clock:
+            self.cfg.critic_clock = True
+            self.critic = Critic(self.cfg, self.language.out_dim).to(self.device)
 
     def bc_loss(self, obs: dict, actions: torch.Tensor, mask: torch.Tensor | None = None, generator=None,
                 reduction: str = "mean"):
@@ -254,7 +322,7 @@ class VLAPolicy(nn.Module):
         return (err * mask).sum() / mask.sum().clamp(min=1)
 
     def actor_parameters(self):
-        return [p for name, p in self.named_parameters() if not name.startswith(("critic.", "early_head."))]
+        return [p for name, p in self.named_parameters() if not name.startswith(("critic.", "early_head.", "noise_actor."))]
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path, extra: dict | None = None) -> Path:
