@@ -74,7 +74,7 @@ def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eva
     def ev_point():
         te = time.time()
         e = evaluate(policy, eval_env, 32, seed=seed + 100 + r.iteration)["success_rate"]
-        ecurve.append((r.env_steps, e, 32))
+        ecurve.append((r.env_steps, e, 32, te - t0 - t_eval))  # (env steps, success, episodes, training seconds)
         print(f"{algo} s{seed} eval @ {r.env_steps} steps: {e:.3f}", flush=True)
         return time.time() - te
 
@@ -259,10 +259,10 @@ def cmd_report(a):
         r = json.loads(f.read_text())
         rows.setdefault(r["algo"], []).append(r)
     names = {"pretrained": "BC pretrained (few demos)", "dppo": "DPPO fine-tune", "rwr": "RWR fine-tune",
-             "sb3": "SB3 PPO, Gaussian MLP from scratch"}
+             "dsrl": "DSRL (noise steering)", "sb3": "SB3 PPO, Gaussian MLP from scratch"}
     lines = ["| method | env steps | seeds | success median | min-max | per seed | deterministic per seed | wall (train) |",
              "|---|---|---|---|---|---|---|---|"]
-    for k in ("pretrained", "dppo", "rwr", "sb3"):
+    for k in ("pretrained", "dppo", "rwr", "dsrl", "sb3"):
         if k not in rows:
             continue
         rs = sorted(rows[k], key=lambda r: r["seed"])
@@ -277,22 +277,27 @@ def cmd_report(a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"dppo": "C0", "rwr": "C1", "sb3": "C2"}
-    for k in ("dppo", "rwr", "sb3"):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {"dppo": "C0", "rwr": "C1", "sb3": "C2", "dsrl": "C3"}
+    for k in ("dppo", "rwr", "dsrl", "sb3"):
         for j, r in enumerate(rows.get(k, [])):
             c = r["curve"]
             if not c:
                 continue
             xs, ys = [e[0] for e in c], [e[1] for e in c]
-            ax.plot(xs, ys, color=colors[k], alpha=0.8, label=f"{names[k]}" if j == 0 else None)
+            # training minutes of each point: recorded (4th entry), else at the run's mean speed
+            mins = [(e[3] if len(e) > 3 else e[0] / max(r["env_steps"], 1) * r.get("train_time_s", 0)) / 60 for e in c]
+            for ax, x in zip(axes, (xs, mins)):
+                ax.plot(x, ys, color=colors[k], alpha=0.8, label=f"{names[k]}" if j == 0 else None)
     for r in rows.get("pretrained", []):
-        ax.axhline(r["success"], color="gray", ls="--", lw=1, label="BC pretrained (eval)" if r["seed"] == 0 else None)
-    ax.set_xlabel("env steps (10 Hz control steps)")
-    ax.set_ylabel("success rate (periodic evaluation)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("place (state + language), outcome-only reward")
-    ax.legend(fontsize=8)
+        for ax in axes:
+            ax.axhline(r["success"], color="gray", ls="--", lw=1, label="BC pretrained (eval)" if r["seed"] == 0 else None)
+    axes[0].set_xlabel("env steps (10 Hz control steps)")
+    axes[1].set_xlabel("training wall-clock minutes (evaluation excluded)")
+    axes[0].set_ylabel("success rate (periodic evaluation)")
+    axes[0].set_ylim(-0.02, 1.02)
+    fig.suptitle("place (state + language), outcome-only reward")
+    axes[0].legend(fontsize=8)
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
     print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")
 

@@ -23,6 +23,7 @@ class StubPolicy(nn.Module):
         super().__init__()
         self.new_logp, self.values = new_logp, values
         self.w = nn.Parameter(torch.zeros(1))
+        self.head = nn.ParameterList([self.w])  # what DPPO fine-tunes by default (train_encoders=False)
         self.critic = nn.Linear(1, 1)
         self.cfg = type("Cfg", (), {"exec_steps": exec_steps})
 

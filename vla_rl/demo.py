@@ -24,7 +24,10 @@ from .runner import RunnerConfig, TrainConfig, train
 
 
 def _demo_policy() -> PolicyConfig:
-    cfg = PolicyConfig(horizon=8, exec_steps=4, language_encoder="auto")
+    # The BC recipe measured best on `place` (configs/pretrain/default.yaml): MLP action head, learned
+    # word-hash language, chunks of 4 executed whole.
+    cfg = PolicyConfig(horizon=4, exec_steps=4, language_encoder="hash", head="mlp")
+    cfg.mlp_head.hidden = 512
     cfg.noise.sample_steps = 10
     cfg.noise.std_floor = 0.1
     return cfg
@@ -39,7 +42,7 @@ class DemoConfig:
     demo_noise: float = 0.1  # executed-action noise; the labels are the expert's own actions (DART)
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-3
-    size: str = "tiny"
+    size: str = ""  # a DiT size preset (tiny | small | ...) when policy.head = "dit"
     policy: PolicyConfig = field(default_factory=_demo_policy)
     stochastic_steps: int = 5  # K': DPPO fine-tunes the last K' of the K denoising steps
     dppo: DPPOConfig = field(default_factory=lambda: DPPOConfig(n_critic_warmup_itr=2))
@@ -62,7 +65,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                           seed=cfg.seed)
     print(f"{stamp()}     {demos['written']} episodes, expert success {demos['success_rate']:.0%}")
 
-    print(f"{stamp()} 2/4 behaviour cloning ({cfg.pretrain_steps} steps, {cfg.size} action head)")
+    print(f"{stamp()} 2/4 behaviour cloning ({cfg.pretrain_steps} steps, {cfg.policy.head} action head)")
     pretrained = pretrain(PretrainConfig(data=str(out / "demos"), out=str(out / "pretrained"), size=cfg.size,
                                          policy=cfg.policy, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
                                          save_every=cfg.pretrain_steps))

@@ -181,21 +181,22 @@ class Runner:
             if done.any():  # an ended episode's next state is its final observation, not the reset one
                 final = info["final_obs"]
                 fin_feats = pol.encode(final).flatten(1)
-                m = done.to(last_feats.device)[:, None]
-                last_feats = torch.where(m, fin_feats, last_feats)
-                last_obs = {k: v for k, v in final.items()} if algo.cfg.critic_privileged else nobs
+                last_feats = torch.where(done.to(last_feats.device)[:, None], fin_feats, last_feats)
                 if algo.cfg.critic_privileged:
-                    last_obs["privileged"] = torch.where(m, final["privileged"], nobs["privileged"])
+                    m = done.to(final["privileged"].device)[:, None]
+                    last_obs = {**nobs, "privileged": torch.where(m, final["privileged"], nobs["privileged"])}
             # A diverged env's outcome is unknown: its decision is not stored.
             keep = ~(info.get("unstable", torch.zeros_like(trunc)).cpu() & trunc.cpu())
-            # Success and the time limit both end the return: the clock is in the critic's input.
+            # With the clock in the critics' input the time limit ends the return like success does; without
+            # it the state is not Markov in time, so a truncation bootstraps from the final observation.
+            terminal = done if algo.cfg.critic_clock else term.cpu()
             extra = algo.critic_extra(obs, self.clock / limit)
             next_extra = algo.critic_extra(last_obs, (self.clock + executed) / limit)
             if keep.all():
-                algo.observe(feats, extra, w, reward.cpu(), last_feats, next_extra, done)
+                algo.observe(feats, extra, w, reward.cpu(), last_feats, next_extra, terminal)
             else:
                 k = keep.nonzero().flatten()
-                algo.observe(feats[k], extra[k], w[k], reward.cpu()[k], last_feats[k], next_extra[k], done[k])
+                algo.observe(feats[k], extra[k], w[k], reward.cpu()[k], last_feats[k], next_extra[k], terminal[k])
             self.clock = torch.where(done, torch.zeros_like(self.clock), self.clock + executed)
             ended = done
             ep["success"] += info["success"].cpu()[ended].float().tolist()
@@ -235,6 +236,7 @@ class Runner:
                 w.add_scalar("train/episode_length", sum(roll["length"]) / len(roll["length"]), step)
             w.add_scalar("perf/env_steps_per_s", roll["env_steps_per_s"], step)
             w.add_scalar("perf/update_time", stats["update_time"], step)
+            w.add_scalar("perf/rollout_time", roll["rollout_time"], step)  # env + chain sampling (+ critic)
             for k, v in stats.items():
                 if k != "update_time":
                     w.add_scalar(f"loss/{k}" if "loss" in k else f"train/{k}", v, step)
@@ -285,6 +287,9 @@ class Runner:
         if (loaded.noise_actor is None) != (self.policy.noise_actor is None):
             raise ValueError(f"{path}: the checkpoint's policy and this run's algorithm ({self.cfg.algo}) disagree "
                              "on the DSRL noise actor; resume with the algorithm that wrote it")
+        if loaded.cfg.critic_clock != self.policy.cfg.critic_clock:
+            raise ValueError(f"{path}: the checkpoint's critic {'reads' if loaded.cfg.critic_clock else 'does not read'} the "
+                             f"episode clock; resume with dppo.critic_clock={str(loaded.cfg.critic_clock).lower()}")
         self.policy.load_state_dict(loaded.state_dict())
         tensors = load_file(str(path / "optim.safetensors"))
         for name, opt in self.algo.optimizers().items():
