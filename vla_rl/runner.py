@@ -170,7 +170,9 @@ class Runner:
         ep = {"success": [], "return": [], "length": []}
         t0, n_exec, update_time, logs = time.perf_counter(), 0, 0.0, {}
         limit = self._time_limit()
-        cond = pol.encode(self.obs)
+        # The last call's next observation is this call's first: reuse its tokens (the steered base is frozen).
+        cached = getattr(self, "_cond_cache", None)
+        cond = cached[1] if cached is not None and cached[0] is self.obs else pol.encode(self.obs)
         for _ in range(rc.steps_per_iter):
             obs = self.obs
             actions, w, feats = algo.act(obs, cond, generator=self.gen)
@@ -192,16 +194,13 @@ class Runner:
             terminal = done if algo.cfg.critic_clock else term.cpu()
             extra = algo.critic_extra(obs, self.clock / limit)
             next_extra = algo.critic_extra(last_obs, (self.clock + executed) / limit)
-            if keep.all():
-                algo.observe(feats, extra, w, reward.cpu(), last_feats, next_extra, terminal)
-            else:
-                k = keep.nonzero().flatten()
-                algo.observe(feats[k], extra[k], w[k], reward.cpu()[k], last_feats[k], next_extra[k], terminal[k])
+            rows = keep.nonzero().flatten()
+            algo.observe(feats[rows], extra[rows], w[rows], reward.cpu()[rows], last_feats[rows], next_extra[rows],
+                         terminal[rows])
             self.clock = torch.where(done, torch.zeros_like(self.clock), self.clock + executed)
-            ended = done
-            ep["success"] += info["success"].cpu()[ended].float().tolist()
-            ep["return"] += info["episode_return"].cpu()[ended].tolist()
-            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
+            ep["success"] += info["success"].cpu()[done].float().tolist()
+            ep["return"] += info["episode_return"].cpu()[done].tolist()
+            ep["length"] += info["episode_length"].cpu()[done].float().tolist()
             n_exec += int(info["steps_executed"].sum())
             self.obs, cond = nobs, next_cond
             tu = time.perf_counter()
@@ -209,6 +208,7 @@ class Runner:
                 for k, v in algo.update().items():
                     logs.setdefault(k, []).append(v)
             update_time += time.perf_counter() - tu
+        self._cond_cache = (self.obs, cond)
         dt = time.perf_counter() - t0
         self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
         stats = {k: sum(v) / len(v) for k, v in logs.items()}
