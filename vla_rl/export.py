@@ -99,14 +99,7 @@ class PolicyGraph(nn.Module):
 
     def forward(self, state, language, noise, rgb=None):
         cond = self.encode(state, language, rgb)
-        actor = self.policy.noise_actor
-        if actor is not None:  # DSRL: the steered x_K, then a deterministic chain
-            if self.deterministic:  # the mode; "+ 0 * noise" keeps the graph's noise input (the runtime feeds one)
-                x = actor.mode(cond.flatten(1)) + 0.0 * noise[:, 0]
-            else:
-                x = actor.sample(cond.flatten(1), eps=noise[:, 0])[0]
-        else:
-            x = noise[:, 0] * self.policy.cfg.noise.init_scale
+        x = self.policy.initial_latent(cond, noise[:, 0], self.deterministic)
         for k in range(self.noise_process.num_steps):
             # k as a constant [1] tensor (broadcast over the batch): the schedule terms (alpha_t, sqrt(1 - alpha_t),
             # the time embedding, ...) fold into constants computed by torch, bit-identical to ``sample``. Computed

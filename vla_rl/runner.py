@@ -142,11 +142,7 @@ class Runner:
                 next_value = torch.where(unstable.to(value.device), value, next_value)
             buf.add(obs, chain, reward.cpu(), term.cpu(), trunc.cpu(), value.cpu(), next_value.cpu(), group,
                     unstable)
-            ended = (term | trunc).cpu()
-            ep["success"] += info["success"].cpu()[ended].float().tolist()
-            ep["return"] += info["episode_return"].cpu()[ended].tolist()
-            ep["length"] += info["episode_length"].cpu()[ended].float().tolist()
-            n_exec += int(info["steps_executed"].sum())
+            n_exec += self._record_episodes(info, done, ep)
             self.obs, value, self.clock = nobs, value_nobs, clock_next
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
             self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
@@ -154,6 +150,14 @@ class Runner:
         dt = time.perf_counter() - t0
         self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
         return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
+
+    @staticmethod
+    def _record_episodes(info: dict, done: torch.Tensor, ep: dict) -> int:
+        """Append the outcome, return and length of the episodes that ended; returns control steps executed."""
+        ep["success"] += info["success"].cpu()[done].float().tolist()
+        ep["return"] += info["episode_return"].cpu()[done].tolist()
+        ep["length"] += info["episode_length"].cpu()[done].float().tolist()
+        return int(info["steps_executed"].sum())
 
     def _timed(self, obs: dict, clock: torch.Tensor) -> dict:
         """``obs`` plus ``episode_time``: the fraction of the env's time limit each episode has used."""
@@ -198,10 +202,7 @@ class Runner:
             algo.observe(feats[rows], extra[rows], w[rows], reward.cpu()[rows], last_feats[rows], next_extra[rows],
                          terminal[rows])
             self.clock = torch.where(done, torch.zeros_like(self.clock), self.clock + executed)
-            ep["success"] += info["success"].cpu()[done].float().tolist()
-            ep["return"] += info["episode_return"].cpu()[done].tolist()
-            ep["length"] += info["episode_length"].cpu()[done].float().tolist()
-            n_exec += int(info["steps_executed"].sum())
+            n_exec += self._record_episodes(info, done, ep)
             self.obs, cond = nobs, next_cond
             tu = time.perf_counter()
             with torch.enable_grad():

@@ -225,21 +225,18 @@ class VLAPolicy(nn.Module):
         cond = self.encode(obs) if cond is None else cond
         b = cond.shape[0]
         H, A, K = self.cfg.horizon, self.cfg.action_dim, self.noise.num_steps
-        if noise is None:
-            noise = torch.randn((b, K + 1, H, A), generator=generator, device=cond.device)
-        elif tuple(noise.shape) != (b, K + 1, H, A):
-            raise ObservationError(f"noise must be [{b}, {K + 1}, {H}, {A}], got {tuple(noise.shape)}")
         steered = init_noise is not None or self.noise_actor is not None
         stochastic = set() if deterministic or steered else set(self.stochastic_indices)
-        if init_noise is not None:
+        if init_noise is not None:  # no random draw is needed at all
             if tuple(init_noise.shape) != (b, H, A):
                 raise ObservationError(f"init_noise must be [{b}, {H}, {A}], got {tuple(init_noise.shape)}")
             x = init_noise.to(cond.device, torch.float32)
-        elif self.noise_actor is not None:
-            feats = cond.flatten(1)
-            x = self.noise_actor.mode(feats) if deterministic else self.noise_actor.sample(feats, eps=noise[:, 0])[0]
         else:
-            x = noise[:, 0] * self.cfg.noise.init_scale
+            if noise is None:
+                noise = torch.randn((b, K + 1, H, A), generator=generator, device=cond.device)
+            elif tuple(noise.shape) != (b, K + 1, H, A):
+                raise ObservationError(f"noise must be [{b}, {K + 1}, {H}, {A}], got {tuple(noise.shape)}")
+            x = self.initial_latent(cond, noise[:, 0], deterministic)
         latents, log_probs = [], []
         for k in range(K):
             kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
@@ -273,6 +270,17 @@ class VLAPolicy(nn.Module):
         mean, std = self.noise.transition(out, x_in, k, stochastic=True)
         lp = gaussian_log_prob(x_out, mean, std, reduce=not per_dim)
         return lp.view(b, n, *lp.shape[1:])
+
+    def initial_latent(self, cond: torch.Tensor, noise0: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """x_K from the standard-normal draw ``noise0`` [B, H, A]: scaled by ``init_scale``, or, with a DSRL
+        noise actor, its draw b tanh(mean + std noise0) (its mode when ``deterministic``; "+ 0 * noise0"
+        keeps an exported graph's noise input, which the runtime always feeds)."""
+        if self.noise_actor is None:
+            return noise0 * self.cfg.noise.init_scale
+        feats = cond.flatten(1)
+        if deterministic:
+            return self.noise_actor.mode(feats) + 0.0 * noise0
+        return self.noise_actor.sample(feats, eps=noise0)[0]
 
     def value(self, obs: dict) -> torch.Tensor:
         self.check_obs(obs, for_critic=True)
