@@ -187,7 +187,7 @@ class DPPO:
                 p.requires_grad_(False)
         if cfg.critic_clock and self.uses_critic:
             policy.enable_critic_clock()
-        self.actor_params = policy.actor_parameters() if cfg.train_encoders else list(policy.head.parameters())
+        self.actor_params = policy.actor_parameters() if cfg.train_encoders else policy.head_parameters()
         trained = {id(p) for p in self.actor_params}
         for p in policy.actor_parameters():  # no gradients computed for what is not trained
             p.requires_grad_(id(p) in trained)

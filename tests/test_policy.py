@@ -8,6 +8,8 @@ from vla_rl.policy import Chain, DiTConfig, NoiseConfig, ObservationError, Polic
 
 
 def tiny_config(kind="ddim", cameras=(), stochastic_steps=0, **kw):
+    # "ddim_x0": the DDIM process with a head that predicts the clean chunk instead of the noise.
+    kind, prediction = ("ddim", "sample") if kind == "ddim_x0" else (kind, "epsilon")
     cfg = PolicyConfig(
         action_dim=3,
         state_dim=5,
@@ -17,7 +19,8 @@ def tiny_config(kind="ddim", cameras=(), stochastic_steps=0, **kw):
         image_size=[16, 16],
         language_encoder="hash",
         dit=DiTConfig(d_model=32, n_layers=1, n_heads=4),
-        noise=NoiseConfig(kind=kind, sample_steps=6, train_steps=50, stochastic_steps=stochastic_steps, eta=1.0, std_floor=0.05),
+        noise=NoiseConfig(kind=kind, sample_steps=6, train_steps=50, stochastic_steps=stochastic_steps, eta=1.0, std_floor=0.05,
+                          prediction=prediction),
         critic_hidden=[32],
         **kw,
     )
@@ -42,7 +45,7 @@ def perturbed_policy(cfg, seed=0):
     return policy
 
 
-@pytest.mark.parametrize("kind", ["ddim", "flow"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_x0", "flow"])
 @pytest.mark.parametrize("stochastic_steps", [0, 2])
 def test_log_prob_is_exact_gaussian_of_each_transition(kind, stochastic_steps):
     cfg = tiny_config(kind, cameras=["front"], stochastic_steps=stochastic_steps)
@@ -93,6 +96,59 @@ def cfg_steps(policy):
     return policy.cfg.noise.sample_steps
 
 
+def test_sample_prediction_is_the_same_chain_parametrized_by_x0():
+    """A DDIM step from the true clean chunk (x0 head) equals the step from the true noise (epsilon head),
+    and training regresses x0 instead of the noise."""
+    from vla_rl.policy.noise import make_noise_process
+    eps_process = make_noise_process(NoiseConfig(kind="ddim", train_steps=50, sample_steps=6, eta=1.0, clip_sample=0))
+    x0_process = make_noise_process(NoiseConfig(kind="ddim", train_steps=50, sample_steps=6, eta=1.0, clip_sample=0,
+                                                prediction="sample"))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 4, 3, generator=g), torch.randn(5, 4, 3, generator=g)
+    for k in range(6):
+        kk = torch.full((5,), k, dtype=torch.long)
+        a = eps_process.alpha_t[k]
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        for stochastic in (False, True):
+            m1, s1 = eps_process.transition(eps, x, kk, stochastic)
+            m2, s2 = x0_process.transition(x0, x, kk, stochastic)
+            torch.testing.assert_close(m1, m2, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(s1, s2)
+    _, _, target = x0_process.training_target(x0)
+    assert torch.equal(target, x0)
+    with pytest.raises(ValueError, match="noise.prediction"):
+        make_noise_process(NoiseConfig(kind="ddim", prediction="velocity"))
+
+
+def test_gaussian_kind_is_a_plain_gaussian_policy():
+    """The control policy: one N(head(0, 0, cond), exp(log_std)^2) step, MSE behaviour cloning, learned std."""
+    cfg = tiny_config("ddim", head="mlp")
+    cfg.noise = NoiseConfig(kind="gaussian", sample_steps=1, std_floor=0.01, gaussian_log_std=-1.0)
+    policy = perturbed_policy(cfg)
+    obs = make_obs(6)
+    chain = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    assert chain.latents.shape == (6, 2, 4, 3) and torch.equal(chain.latents[:, 0], torch.zeros(6, 4, 3))
+    cond = policy.encode(obs)
+    mean = policy.head(torch.zeros(6, 4, 3), torch.zeros(6), cond)
+    expected = torch.distributions.Normal(mean, torch.full_like(mean, 1.0).mul(torch.e ** -1.0)).log_prob(chain.latents[:, 1])
+    torch.testing.assert_close(policy.log_prob(obs, chain)[:, 0], expected.sum((-1, -2)), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(chain.log_prob[:, 0], expected.sum((-1, -2)), atol=1e-4, rtol=1e-5)
+    det = policy.sample(obs, deterministic=True)
+    torch.testing.assert_close(det.latents[:, -1], mean)
+    policy.log_prob(obs, chain).sum().backward()  # PPO learns the std
+    assert policy.action_log_std.grad is not None and policy.action_log_std.grad.abs().sum() > 0
+    assert any(p is policy.action_log_std for p in policy.head_parameters())
+    actions = torch.rand(6, 4, 3)
+    x0 = policy.normalizer.normalize_action(actions)
+    torch.testing.assert_close(policy.bc_loss(obs, actions), (mean - x0).pow(2).mean(), atol=1e-5, rtol=1e-5)
+    bad = tiny_config("ddim", head="mlp")
+    bad.noise = NoiseConfig(kind="gaussian", sample_steps=4)
+    with pytest.raises(ValueError, match="sample_steps must be 1"):
+        VLAPolicy(bad)
+    with pytest.raises(ValueError, match="gaussian"):
+        policy.attach_noise_actor()
+
+
 def test_std_floor_applies_to_every_stochastic_step():
     cfg = tiny_config("ddim")
     cfg.noise.std_floor = 0.3
@@ -141,14 +197,15 @@ def test_init_scale_is_the_std_of_the_initial_noise():
         VLAPolicy(bad)
 
 
-def test_bc_learns_both_modes_of_a_bimodal_dataset():
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_bc_learns_both_modes_of_a_bimodal_dataset(prediction):
     """Actions are +1 or -1 (50/50) for the same observation: diffusion keeps both modes,
     while the MSE-optimal regressor would predict their mean, 0, which no demonstration did."""
     torch.manual_seed(0)
     cfg = PolicyConfig(
         action_dim=1, state_dim=2, horizon=2, exec_steps=1, language_encoder="hash",
         dit=DiTConfig(d_model=32, n_layers=2, n_heads=4),
-        noise=NoiseConfig(kind="ddim", train_steps=50, sample_steps=10, eta=0.0, std_floor=0.0),
+        noise=NoiseConfig(kind="ddim", train_steps=50, sample_steps=10, eta=0.0, std_floor=0.0, prediction=prediction),
     )
     policy = VLAPolicy(cfg)
     policy.normalizer.fit(torch.tensor([[-1.0], [1.0]]), torch.randn(10, 2))

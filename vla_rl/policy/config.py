@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 class NoiseConfig:
     """The denoising process; every stochastic transition is Gaussian with a known mean and std."""
 
-    kind: str = "ddim"  # "ddim" (DDPM-trained, cosine schedule, DDIM sampler) or "flow" (rectified flow, SDE sampler)
+    # "ddim" (DDPM-trained, cosine schedule, DDIM sampler), "flow" (rectified flow, SDE sampler) or "gaussian"
+    # (no diffusion: one Gaussian step around the head's output with a learned std; sample_steps must be 1),
+    # the control policy for every diffusion-vs-Gaussian comparison.
+    kind: str = "ddim"
     train_steps: int = 100  # DDPM diffusion steps used in training (ignored by flow)
     sample_steps: int = 10  # K: denoising steps at sampling time
     eta: float = 1.0  # DDIM eta / flow-SDE noise level; > 0 makes transitions stochastic
@@ -21,6 +24,13 @@ class NoiseConfig:
     # transition, yet it decides much of the outcome (benchmarks/bench_spread.py: on `place` the BC policy,
     # deterministic after x_K, succeeds from 75% of the starts with some draws and fails with others).
     init_scale: float = 1.0
+    # What the DDIM head regresses: "epsilon" (the added noise, DDPM's default) or "sample" (the clean chunk
+    # x0). The epsilon loss weights the error in x0 by the signal-to-noise ratio, so the high-noise steps that
+    # choose between modes (which object, which container) carry almost no weight and a language-conditioned
+    # policy can fit the instruction-blind mixture instead (BENCHMARKS.md "Behaviour cloning", conditioning
+    # neglect). "sample" weights every noise level's x0 error equally, as plain regression does. Flow ignores it.
+    prediction: str = "epsilon"
+    gaussian_log_std: float = -1.5  # initial log std (normalized action units) of the "gaussian" kind
 
 
 @dataclass

@@ -4,11 +4,16 @@ Both processes expose the chain as K transitions x_k -> x_{k+1} (k = 0 is pure n
 action chunk, in normalized units). ``transition`` returns the mean and std of each Gaussian step, so
 the RL algorithms get an exact log-likelihood of every stochastic transition:
 
-* :class:`DDIMProcess`: trained as DDPM (epsilon prediction, cosine schedule); sampled with DDIM at K
-  steps, eta > 0 giving a stochastic step of std sigma_t (Song et al. 2021, eq. 12).
+* :class:`DDIMProcess`: trained as DDPM (epsilon or clean-sample prediction, cosine schedule); sampled with
+  DDIM at K steps, eta > 0 giving a stochastic step of std sigma_t (Song et al. 2021, eq. 12).
 * :class:`FlowSDEProcess`: rectified flow (velocity prediction, x_t = t a + (1 - t) eps); sampled
   with Euler-Maruyama on the SDE that has the flow's marginals (drift corrected by the score, as in
   Flow-SDE / ReinFlow-style fine-tuning), each step Gaussian with std sigma_t sqrt(dt).
+
+* :class:`GaussianProcess`: no diffusion at all: a one-step "chain" whose only transition is a Gaussian
+  around the head's output (std learned per action dimension). It is the plain Gaussian policy that every
+  diffusion-RL comparison needs as its control, run by the same encoders, head network, runner and
+  algorithms, so that a comparison changes one thing: the action distribution.
 
 A std floor keeps every stochastic step exploratory; only the last ``stochastic_steps`` transitions
 are stochastic, the earlier ones are the deterministic (eta = 0 / ODE) updates.
@@ -34,6 +39,7 @@ class NoiseProcess:
         if cfg.std_floor < 0 or cfg.eta < 0 or cfg.init_scale < 0:
             raise ValueError("noise.std_floor, noise.eta and noise.init_scale must be >= 0")
         self.cfg = cfg
+        self.init_scale = cfg.init_scale  # std of x_K
         self.num_steps = cfg.sample_steps
         n_stoch = cfg.stochastic_steps or cfg.sample_steps
         # Indices (in 0..K-1) of the stochastic transitions: the last K' of the chain.
@@ -56,6 +62,8 @@ class DDIMProcess(NoiseProcess):
     def __init__(self, cfg: NoiseConfig):
         super().__init__(cfg)
         T = cfg.train_steps
+        if cfg.prediction not in ("epsilon", "sample"):
+            raise ValueError(f"noise.prediction must be 'epsilon' or 'sample', got {cfg.prediction!r}")
         if T < cfg.sample_steps:
             raise ValueError(f"noise.train_steps ({T}) must be >= sample_steps ({cfg.sample_steps})")
         # Cosine schedule (Nichol & Dhariwal 2021): alpha_bar(t) = cos^2(((t/T)+s)/(1+s) * pi/2) / f(0).
@@ -80,13 +88,18 @@ class DDIMProcess(NoiseProcess):
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         a = self.alpha_bar.to(x0.device)[t].view(b, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        return x_t, t.float() / self.cfg.train_steps, eps
+        return x_t, t.float() / self.cfg.train_steps, (x0 if self.cfg.prediction == "sample" else eps)
 
-    def transition(self, eps, x, k, stochastic):
+    def transition(self, out, x, k, stochastic):
         shape = (-1, 1, 1)
         a_t = self.alpha_t.to(x.device)[k].view(shape)
         a_prev = self.alpha_prev.to(x.device)[k].view(shape)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if self.cfg.prediction == "sample":
+            x0 = out
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        else:
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if self.cfg.clip_sample > 0:
             x0 = x0.clamp(-self.cfg.clip_sample, self.cfg.clip_sample)
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
@@ -129,8 +142,38 @@ class FlowSDEProcess(NoiseProcess):
         return mean, std
 
 
-def make_noise_process(cfg: NoiseConfig) -> NoiseProcess:
+class GaussianProcess(NoiseProcess):
+    """A Gaussian policy as a one-step chain: x_K = 0 enters the head at t = 0, its output is the mean of
+    the chunk and the one transition draws N(mean, std^2) with std = exp(log_std) per action dimension
+    (``log_std``: the policy's learned parameter, floored at ``std_floor``). BC is MSE regression on the
+    chunk; DPPO on it is plain PPO with a state-independent learned std."""
+
+    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor):
+        if cfg.sample_steps != 1:
+            raise ValueError(f"noise.kind='gaussian' is a one-step chain: noise.sample_steps must be 1, got {cfg.sample_steps}")
+        super().__init__(cfg)
+        self.init_scale = 0.0  # the head reads no noise
+        self.log_std = log_std
+
+    def model_time(self, k):
+        return torch.zeros(k.shape, device=k.device)
+
+    def training_target(self, x0, generator=None):
+        return torch.zeros_like(x0), torch.zeros(x0.shape[0], device=x0.device), x0
+
+    def transition(self, mean, x, k, stochastic):
+        if not stochastic:
+            return mean, torch.zeros(1, 1, 1, device=mean.device)
+        return mean, self.log_std.exp().clamp(min=self.cfg.std_floor).view(1, 1, -1)
+
+
+def make_noise_process(cfg: NoiseConfig, log_std: torch.Tensor | None = None) -> NoiseProcess:
+    """``log_std``: the learned per-dimension log std of the ``gaussian`` kind (owned by the policy)."""
+    if cfg.kind == "gaussian":
+        if log_std is None:
+            raise ValueError("noise.kind='gaussian' needs the policy's log_std parameter")
+        return GaussianProcess(cfg, log_std)
     processes = {"ddim": DDIMProcess, "flow": FlowSDEProcess}
     if cfg.kind not in processes:
-        raise ValueError(f"unknown noise.kind {cfg.kind!r}; choose one of {sorted(processes)}")
+        raise ValueError(f"unknown noise.kind {cfg.kind!r}; choose one of {sorted([*processes, 'gaussian'])}")
     return processes[cfg.kind](cfg)

@@ -105,7 +105,10 @@ class VLAPolicy(nn.Module):
         if self.early_head is not None:
             self.early_head.requires_grad_(False)
         self.critic = Critic(cfg, self.language.out_dim)
-        self.noise = make_noise_process(cfg.noise)
+        # The Gaussian control's learned std per action dimension (its only distribution parameter).
+        self.action_log_std = (nn.Parameter(torch.full((cfg.action_dim,), float(cfg.noise.gaussian_log_std)))
+                               if cfg.noise.kind == "gaussian" else None)
+        self.noise = make_noise_process(cfg.noise, self.action_log_std)
         self.noise_actor = self._make_noise_actor() if cfg.noise_actor.enabled else None
 
     @property
@@ -120,6 +123,9 @@ class VLAPolicy(nn.Module):
         """Give the policy a DSRL noise actor (``overrides`` patch ``NoiseActorConfig``) and freeze
         everything else: from now on ``sample`` steers the deterministic chain through x_K. A policy
         that already has one (a resumed or reloaded run) keeps it."""
+        if self.cfg.noise.kind == "gaussian":
+            raise ValueError("DSRL steers the initial noise of a diffusion/flow chain; a noise.kind='gaussian' "
+                             "policy reads no noise")
         if self.noise_actor is None:
             for k, v in overrides.items():
                 if not hasattr(self.cfg.noise_actor, k):
@@ -276,7 +282,7 @@ class VLAPolicy(nn.Module):
         noise actor, its draw b tanh(mean + std noise0) (its mode when ``deterministic``; "+ 0 * noise0"
         keeps an exported graph's noise input, which the runtime always feeds)."""
         if self.noise_actor is None:
-            return noise0 * self.cfg.noise.init_scale
+            return noise0 * self.noise.init_scale
         feats = cond.flatten(1)
         if deterministic:
             return self.noise_actor.mode(feats) + 0.0 * noise0
@@ -328,6 +334,10 @@ class VLAPolicy(nn.Module):
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return (err * mask).sum() / mask.sum().clamp(min=1)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What fine-tuning the action head alone trains: the head (and the Gaussian control's std)."""
+        return list(self.head.parameters()) + ([self.action_log_std] if self.action_log_std is not None else [])
 
     def actor_parameters(self):
         return [p for name, p in self.named_parameters() if not name.startswith(("critic.", "early_head.", "noise_actor."))]
