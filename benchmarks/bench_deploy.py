@@ -58,7 +58,7 @@ def main():
         for size in args.sizes:
             policy = make_policy(size)
             t0 = time.perf_counter()
-            bundle = export_bundle(policy, Path(tmp) / size)
+            bundle = export_bundle(policy, Path(tmp) / size, hold="last")  # synthetic policy: no task
             export_s = time.perf_counter() - t0
             onnx_mb = (bundle / "policy.onnx").stat().st_size / 2**20
             rt = PolicyRuntime.load(bundle, threads=args.threads or None)

@@ -34,7 +34,7 @@ def main():
     policy = VLAPolicy.from_pretrained(args.policy)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = export_bundle(args.policy, f"{tmp}/bundle")
+        bundle = export_bundle(args.policy, f"{tmp}/bundle", env=args.task)
         t = time.time()
         with torch.no_grad():
             torch_result = evaluate(policy, make_env(args.task, args.num_envs), args.episodes, seed=args.seed)

@@ -52,6 +52,11 @@ class EnvSpec:
     action_low: tuple[float, ...] = ()
     action_high: tuple[float, ...] = ()
     action_names: tuple[str, ...] = ()
+    # What holding still means per action dim, for the deploy safety filter (written to export manifests):
+    # "zero" (a delta command: no motion), "last" (an absolute command: repeat the last one) or a fixed
+    # value. Empty: not declared (export then asks for it instead of guessing).
+    action_hold: tuple = ()
+    action_control: str = ""  # a short name of the control mode, e.g. "ee_delta"; informational
     state_names: tuple[str, ...] = ()
     instructions: tuple[str, ...] = ()  # the training instructions (others may be used at eval)
     extra: dict = field(default_factory=dict)

@@ -82,6 +82,9 @@ class MujocoCPUEnv(BatchedEnv):
             action_low=(-1.0,) * (4 * nh),
             action_high=(1.0,) * (4 * nh),
             action_names=tuple(f"{h.name}_{k}" for h in task.hands for k in ("dx", "dy", "dz", "grip")),
+            # end-effector position deltas + an absolute gripper command: hold = stop, gripper unchanged
+            action_hold=("zero", "zero", "zero", "last") * nh,
+            action_control="ee_delta",
             state_names=tuple(state_names),
             instructions=tuple(task.templates),
             extra={"task": task.name, "privileged_names": tuple(obj_names), "max_delta_m": MAX_DELTA},

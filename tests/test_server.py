@@ -18,7 +18,7 @@ TOKEN = "let-me-in"
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    bundle = export_bundle(tiny_policy("flow"), tmp_path_factory.mktemp("server") / "bundle", max_delta=10.0)
+    bundle = export_bundle(tiny_policy("flow"), tmp_path_factory.mktemp("server") / "bundle", hold="last", max_delta=10.0)
     return PolicyRuntime.load(bundle)
 
 

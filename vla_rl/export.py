@@ -187,7 +187,9 @@ def export_bundle(
     control_hz: float = 10.0,
     action_bounds: tuple | None = None,
     max_delta=None,
+    hold=None,
     hold_action=None,
+    env=None,
     watchdog_timeout_s: float | None = 0.5,
     require_timestamp: bool = False,
     deterministic: bool = False,
@@ -206,8 +208,13 @@ def export_bundle(
 
     ``denoising_steps`` re-samples the chain with K steps (default: the policy's ``noise.sample_steps``);
     ``deterministic=True`` exports the eta = 0 / ODE chain (noise then only sets x_0). ``action_bounds``
-    ``(low, high)`` (scalars or per-dim; default the normalizer's action range), ``max_delta`` (per-step
-    change limit), ``hold_action``, ``watchdog_timeout_s`` and ``require_timestamp`` become the runtime's safety limits.
+    ``(low, high)`` (scalars or per-dim), ``max_delta`` (per-step change limit), ``watchdog_timeout_s`` and
+    ``require_timestamp`` become the runtime's safety limits. The action space the policy acts in comes
+    from ``env`` (a built-in task name or an ``EnvSpec``), else from the training run that wrote the
+    checkpoint (``state.json`` beside the policy directory); it gives the default bounds (else the demo
+    range of the normalizer) and the hold (``action.hold``: what the safety filter sends on a fault).
+    ``hold`` ("zero" | "last" | a number, or one per action dim; ``hold_action``: numbers) overrides it;
+    when neither is known the export is refused rather than guessing (a wrong hold moves the robot).
     Raises :class:`ExportError` when ONNX Runtime and PyTorch disagree by more than ``parity_tolerance``
     (max abs, env units) on random inputs with the same noise. Returns the bundle path.
     """
@@ -240,16 +247,10 @@ def export_bundle(
             raise ValueError(f"{what} has {len(names)} entries, the policy has {dim}")
 
     norm = {k: v.tolist() for k, v in policy.normalizer.state_dict().items()}
-    if action_bounds is None:
-        low, high = norm["action_low"], norm["action_high"]
-    else:
-        low, high = _vector(action_bounds[0], A, "action_bounds low"), _vector(action_bounds[1], A, "action_bounds high")
-        if any(l > h for l, h in zip(low, high)):
-            raise ValueError("action_bounds: low must be <= high")
+    space = action_space(A, env, source, action_bounds, norm, hold, hold_action, action_names)
     max_delta = _vector(max_delta, A, "max_delta")
     if max_delta is not None and min(max_delta) <= 0:
         raise ValueError("max_delta must be > 0")
-    hold_action = _vector(hold_action, A, "hold_action")
 
     graph = PolicyGraph(policy, noise_process, deterministic).eval()
     kind = policy.language.kind
@@ -292,9 +293,9 @@ def export_bundle(
                 torch.export.save(program, str(tmp / TORCH_EXPORT))
                 files["torch_export"] = TORCH_EXPORT
 
-        manifest = _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, language, norm, low, high,
-                             max_delta, hold_action, watchdog_timeout_s, require_timestamp, exec_steps, control_hz, state_names,
-                             action_names, action_units, model_name, source)
+        manifest = _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, language, norm, space,
+                             max_delta, watchdog_timeout_s, require_timestamp, exec_steps, control_hz, state_names,
+                             action_units, model_name, source)
         manifest["checksums"] = checksums(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         manifest["parity"] = _parity(policy, tmp, obs, noise, deterministic, parity_tolerance, torchscript,
@@ -316,8 +317,8 @@ def _export_minilm(policy: VLAPolicy, tmp: Path) -> None:
     shutil.copyfile(Path(get_model_path()) / TOKENIZER, tmp / TOKENIZER)
 
 
-def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, language, norm, low, high, max_delta,
-              hold_action, watchdog_timeout_s, require_timestamp, exec_steps, control_hz, state_names, action_names, action_units,
+def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, language, norm, space, max_delta,
+              watchdog_timeout_s, require_timestamp, exec_steps, control_hz, state_names, action_units,
               model_name, source) -> dict:
     import onnx
     import onnxruntime
@@ -355,9 +356,15 @@ def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, langu
         },
         "action": {
             "dim": A,
-            "names": list(action_names) if action_names else None,
+            "names": space["names"],
             "units": action_units,
-            "bounds": {"low": low, "high": high},
+            "task": space["task"],
+            "control": space["control"],
+            "bounds": {"low": space["low"], "high": space["high"], "source": space["bounds_source"]},
+            # what the safety filter sends on a fault, per dim: "zero" (delta: no motion), "last" (absolute:
+            # the last command), or a number; see vla_rl.deploy.safety
+            "hold": space["hold"],
+            "hold_source": space["hold_source"],
         },
         "normalization": {**norm, "action": "min/max to [-1, 1]", "state": "(s - mean) / std"},
         "chunking": {"horizon": H, "exec_steps": exec_steps, "control_hz": float(control_hz)},
@@ -376,14 +383,102 @@ def _manifest(policy, cfg, noise_cfg, noise_process, deterministic, files, langu
         },
         "language": language,
         "safety": {
-            "action_low": low,
-            "action_high": high,
+            "action_low": space["low"],
+            "action_high": space["high"],
             "max_delta": max_delta,
-            "hold_action": hold_action,
             "watchdog_timeout_s": watchdog_timeout_s,
             "require_timestamp": bool(require_timestamp),
         },
     }
+
+
+# ---------------------------------------------------------------------- the action space
+def action_space(dim: int, env, source, bounds, norm: dict, hold, hold_action, names) -> dict:
+    """Bounds and hold of the action space: explicit values, else the env's declared ones, else (bounds
+    only) the demo range; each with its source, for the manifest and the export's printout."""
+    spec, task = _env_spec(env, source)
+    if spec is not None and spec.action_dim != dim:
+        raise ValueError(f"env {task!r} has action_dim {spec.action_dim}, the policy {dim}: pass the task it was "
+                         "trained on (--task)")
+    if bounds is not None:
+        low, high = _vector(bounds[0], dim, "action_bounds low"), _vector(bounds[1], dim, "action_bounds high")
+        if any(lo > hi for lo, hi in zip(low, high)):
+            raise ValueError("action_bounds: low must be <= high")
+        bounds_source = "explicit"
+    elif spec is not None and spec.action_low:
+        low, high, bounds_source = list(map(float, spec.action_low)), list(map(float, spec.action_high)), f"env {task}"
+    else:
+        low, high, bounds_source = norm["action_low"], norm["action_high"], "demo action range (normalizer)"
+    rules, hold_source = _hold_rules(dim, hold, hold_action, spec, task)
+    try:  # the same check the runtime makes at load: each fixed or "zero" hold inside the bounds
+        from .deploy.safety import SafetyFilter
+
+        SafetyFilter(low, high, hold=rules, dim=dim)
+    except ValueError as e:
+        raise ValueError(f"export: the hold {rules} ({hold_source}) does not fit the action bounds ({bounds_source}): "
+                         f"{e}") from None
+    names = list(names) if names else (list(spec.action_names) if spec is not None and spec.action_names else None)
+    return {"low": low, "high": high, "bounds_source": bounds_source, "hold": rules, "hold_source": hold_source,
+            "control": (spec.action_control or None) if spec is not None else None, "task": task, "names": names}
+
+
+def _hold_rules(dim: int, hold, hold_action, spec, task) -> tuple[list, str]:
+    if hold is not None and hold_action is not None:
+        raise ValueError("give hold or hold_action, not both")
+    if hold_action is not None:
+        return _vector(hold_action, dim, "hold_action"), "explicit"
+    if hold is not None:
+        rules = [hold] * dim if isinstance(hold, (str, int, float)) else list(hold)
+        if len(rules) != dim:
+            raise ValueError(f"hold needs one rule or {dim} (one per action dim), got {len(rules)}")
+        return [r if r in ("zero", "last") else _hold_number(r, i) for i, r in enumerate(rules)], "explicit"
+    if spec is not None and spec.action_hold:
+        return list(spec.action_hold), f"env {task}"
+    from .envs import TASKS
+
+    raise ValueError(
+        "export: the hold (what the safety filter sends on a fault) is not defined for this policy's action space, "
+        "and a wrong guess moves the robot. Name the task it acts in (--task, one of "
+        f"{sorted(TASKS)}; a training run's checkpoint names it itself) or declare the hold per action dim: "
+        "--hold zero (delta control: no motion) | last (absolute control: the last command) | a number")
+
+
+def _hold_number(rule, i: int) -> float:
+    try:
+        return float(_vector(rule, 1, f"hold[{i}]")[0])
+    except (TypeError, ValueError):
+        raise ValueError(f"hold[{i}] must be 'zero', 'last' or a number, got {rule!r}") from None
+
+
+def _env_spec(env, source):
+    """(EnvSpec, task name) of ``env`` (a built-in task name or an EnvSpec) or of the training run that
+    wrote ``source``; (None, None) when unknown."""
+    if env is None and source is not None:
+        env = _run_task(Path(source))
+    if env is None:
+        return None, None
+    if not isinstance(env, str):
+        return env, (env.extra or {}).get("task", "custom")
+    from .envs import make_env
+
+    built = make_env(env, 1)  # one env: cheap, and the spec is the backend's own
+    try:
+        return built.spec, env
+    finally:
+        built.close()
+
+
+def _run_task(policy_dir: Path) -> str | None:
+    """The task of the run that saved ``policy_dir``: its ``state.json`` (the runner's checkpoint) holds
+    the run config. A pretraining checkpoint has none: None."""
+    for state in (policy_dir / "state.json", policy_dir.parent / "state.json"):
+        try:
+            task = json.loads(state.read_text())["config"]["env"]["task"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(task, str):
+            return task
+    return None
 
 
 def _parity(policy, bundle: Path, obs, noise, deterministic, tol, torchscript, torch_export) -> dict:
@@ -431,10 +526,13 @@ def export_main(args) -> Path:
     out = export_bundle(
         args.checkpoint, args.out, denoising_steps=args.denoising_steps, exec_steps=args.exec_steps,
         control_hz=args.control_hz, action_bounds=bounds, max_delta=one(args.max_delta),
-        hold_action=one(args.hold_action), deterministic=args.deterministic, torchscript=args.torchscript,
-        torch_export=args.torch_export, require_timestamp=args.require_timestamp,
+        hold=one(args.hold), hold_action=one(args.hold_action), env=args.task, deterministic=args.deterministic,
+        torchscript=args.torchscript, torch_export=args.torch_export, require_timestamp=args.require_timestamp,
         watchdog_timeout_s=args.watchdog_timeout if args.watchdog_timeout > 0 else None,
     )
-    parity = json.loads((out / MANIFEST).read_text())["parity"]
-    print(f"bundle written to {out} (parity max abs diff {parity['max_abs_diff']:.2e})")
+    manifest = json.loads((out / MANIFEST).read_text())
+    act = manifest["action"]
+    print(f"action bounds ({act['bounds']['source']}): low {act['bounds']['low']} high {act['bounds']['high']}")
+    print(f"hold on a fault ({act['hold_source']}): {act['hold']}")
+    print(f"bundle written to {out} (parity max abs diff {manifest['parity']['max_abs_diff']:.2e})")
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -62,22 +64,49 @@ class MiniLMLanguage:
 
 
 class CachedLanguage:
-    """Embeds each distinct instruction once (instructions rarely change within an episode)."""
+    """Embeds each distinct instruction once (instructions rarely change within an episode).
 
-    def __init__(self, encoder, max_entries: int = 4096):
+    Bounded in entries and in bytes (text + embedding), least recently used out first, so that clients
+    sending ever new instructions cannot grow it without end. Thread-safe: the encoder runs outside
+    the cache lock, so one client's new instruction does not stall the others' cached look-ups."""
+
+    ENTRY_OVERHEAD = 128  # bytes of bookkeeping per entry (key object, dict slot), roughly
+
+    def __init__(self, encoder, max_entries: int = 4096, max_bytes: int = 16 << 20):
         self.encoder = encoder
         self.dim = encoder.dim
-        self.max_entries = max_entries
-        self._cache: dict[str, np.ndarray] = {}
+        self.max_entries, self.max_bytes = int(max_entries), int(max_bytes)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def _cost(cls, text: str, emb: np.ndarray) -> int:
+        return len(text.encode("utf-8", "surrogatepass")) + emb.nbytes + cls.ENTRY_OVERHEAD
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        missing = sorted({t for t in texts if t not in self._cache})
+        with self._lock:
+            found = {t: self._cache[t] for t in texts if t in self._cache}
+            for t in found:
+                self._cache.move_to_end(t)
+        missing = sorted({t for t in texts if t not in found})
         if missing:
-            if len(self._cache) + len(missing) > self.max_entries:
-                self._cache.clear()
-            for t, e in zip(missing, self.encoder(missing)):
-                self._cache[t] = e
-        return np.stack([self._cache[t] for t in texts])
+            new = dict(zip(missing, self.encoder(missing)))
+            found.update(new)
+            with self._lock:
+                for t, e in new.items():
+                    self._insert(t, e)
+        return np.stack([found[t] for t in texts])
+
+    def _insert(self, text: str, emb: np.ndarray) -> None:
+        cost = self._cost(text, emb)
+        if cost > self.max_bytes or text in self._cache:
+            return
+        while self._cache and (len(self._cache) >= self.max_entries or self.nbytes + cost > self.max_bytes):
+            old_text, old = self._cache.popitem(last=False)
+            self.nbytes -= self._cost(old_text, old)
+        self._cache[text] = emb
+        self.nbytes += cost
 
 
 def load_language(bundle_dir: Path, manifest: dict, providers=None) -> CachedLanguage:

@@ -21,18 +21,32 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import POLICY_ONNX, BundleError, read_manifest
+from .bundle import MANIFEST, POLICY_ONNX, BundleError, read_manifest, validate_manifest
 from .language import load_language
 from .safety import Decision, SafetyFilter
 
 
+# Instructions are short sentences; a longer one is refused before it reaches the tokenizer, whose cost
+# grows with the text (a 1.5 MB instruction took seconds) while the encoders read at most ~64 tokens.
+DEFAULT_MAX_INSTRUCTION_CHARS = 1024
+
+
 class PolicyRuntime:
-    def __init__(self, bundle_dir: Path, manifest: dict, session, language):
+    def __init__(self, bundle_dir: Path, manifest: dict, session, language,
+                 max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS):
         self.bundle_dir = Path(bundle_dir)
+        validate_manifest(manifest, self.bundle_dir / MANIFEST)
+        try:  # the declared safety limits must form a filter now, not fail in every session
+            SafetyFilter.from_manifest(manifest)
+        except ValueError as e:
+            raise BundleError(f"{self.bundle_dir / MANIFEST}: safety limits: {e}") from None
         self.manifest = manifest
         self._session = session
         self.language = language
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # serializes the policy graph's runs (the language encoder has its own)
+        if max_instruction_chars < 1:
+            raise ValueError(f"max_instruction_chars must be >= 1, got {max_instruction_chars}")
+        self.max_instruction_chars = int(max_instruction_chars)
         obs, act, chunk, den = manifest["observation"], manifest["action"], manifest["chunking"], manifest["denoising"]
         self.cameras: list[str] = list(obs.get("cameras") or [])
         self.image_size: tuple[int, int] = tuple(obs.get("image_size") or (0, 0))
@@ -49,8 +63,10 @@ class PolicyRuntime:
         self._default: ControlSession | None = None
 
     @classmethod
-    def load(cls, bundle_dir, *, verify: bool = True, providers=None, threads: int | None = None) -> "PolicyRuntime":
-        """Load a bundle written by ``vla_rl.export.export_bundle``; ``verify`` checks every file's sha256."""
+    def load(cls, bundle_dir, *, verify: bool = True, providers=None, threads: int | None = None,
+             max_instruction_chars: int = DEFAULT_MAX_INSTRUCTION_CHARS) -> "PolicyRuntime":
+        """Load a bundle written by ``vla_rl.export.export_bundle``; ``verify`` checks every file's sha256.
+        Observations whose instruction is longer than ``max_instruction_chars`` are held, not encoded."""
         import onnxruntime as ort
 
         bundle_dir = Path(bundle_dir)
@@ -67,15 +83,15 @@ class PolicyRuntime:
             raise
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise BundleError(f"bundle {bundle_dir}: cannot load the graphs: {e}") from e
-        return cls(bundle_dir, manifest, session, language)
+        return cls(bundle_dir, manifest, session, language, max_instruction_chars)
 
     # ------------------------------------------------------------------ batched inference
     def noise_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.denoising_steps + 1, self.horizon, self.action_dim)
 
     def embed(self, instructions: list[str]) -> np.ndarray:
-        with self._lock:
-            return self.language(list(instructions))
+        # Outside the graph lock: one client's instruction (new, so tokenized) must not stall the others.
+        return self.language(list(instructions))
 
     def predict_chunk(self, state, instructions: list[str], rgb=None, noise=None, rng=None) -> np.ndarray:
         """Batched action chunks [B, H, A] in env units (no safety filter). ``noise`` [B, K+1, H, A]
@@ -87,8 +103,8 @@ class PolicyRuntime:
         feeds = {"state": state, "noise": np.ascontiguousarray(noise, dtype=np.float32)}
         if self.cameras:
             feeds["rgb"] = np.ascontiguousarray(rgb, dtype=np.uint8)
+        feeds["language"] = self.embed(instructions)
         with self._lock:
-            feeds["language"] = self.language(list(instructions))
             return self._session.run(["actions"], feeds)[0]
 
     # ------------------------------------------------------------------ control loop
@@ -138,6 +154,9 @@ class PolicyRuntime:
             instr = instr[0]
         if not isinstance(instr, str):
             return None, "observation 'instruction' must be a string"
+        if len(instr) > self.max_instruction_chars:
+            return None, (f"observation 'instruction' has {len(instr)} characters, more than "
+                          f"max_instruction_chars={self.max_instruction_chars}")
         parsed["instruction"] = [instr]
         return parsed, None
 
@@ -148,7 +167,7 @@ class ControlSession:
     ``noise``: "random" (standard normal from ``np.random.default_rng(seed)``, reproducible) or "zeros"
     (the chain's mean path from x_0 = 0). ``mode``: "queue" or "ensemble" (``ensemble_decay`` m in
     w_i = exp(-m i), i = 0 the oldest chunk). ``safety``: overrides of the manifest's safety limits
-    (``low``, ``high``, ``max_delta``, ``hold_action``, ``watchdog_timeout_s``, ``clock``).
+    (``low``, ``high``, ``max_delta``, ``hold``, ``watchdog_timeout_s``, ``require_timestamp``, ``clock``).
     """
 
     def __init__(self, runtime: PolicyRuntime, *, seed: int | None = 0, noise: str = "random", mode: str = "queue",
@@ -163,7 +182,7 @@ class ControlSession:
         if not 1 <= self.exec_steps <= runtime.horizon:
             raise ValueError(f"exec_steps must be in [1, {runtime.horizon}], got {self.exec_steps}")
         self.ensemble_decay = float(ensemble_decay)
-        self.safety = SafetyFilter.from_manifest(runtime.manifest["safety"], **(safety or {}))
+        self.safety = SafetyFilter.from_manifest(runtime.manifest, **(safety or {}))
         self.reset()
 
     def reset(self) -> None:

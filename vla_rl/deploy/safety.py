@@ -5,10 +5,13 @@ Every control step goes through :meth:`SafetyFilter.filter` (a planned action) o
 
 * clamp to ``[low, high]`` per action dim;
 * limit the change from the previously emitted action to ``max_delta`` per dim and step;
-* hold: send the configured ``hold_action`` (e.g. zero velocity), else repeat the last emitted safe
-  action; if neither exists
-  (a fault before the first action) the decision carries ``action=None`` and the caller must keep
-  the robot where it is;
+* hold: what holding still means is a declared property of the action space (the bundle manifest's
+  ``action.hold``), one rule per action dim: ``"zero"`` (a delta command: no motion), ``"last"`` (an
+  absolute command: the last emitted value, e.g. the gripper stays as it is) or a fixed number. End-effector
+  delta control holds ``["zero", "zero", "zero", "last"]``: the arm stops, the gripper keeps its command.
+  A hold that needs a last value before any was emitted, or no declared hold at all, gives
+  ``action=None``: the caller must keep the robot where it is. (Re-sending the last command, the old
+  default, would keep a delta-controlled arm moving.)
 * watchdog: an observation whose ``timestamp`` is older than ``watchdog_timeout_s`` is stale (as is one
   from more than that far in the future: unsynchronized clocks); with ``require_timestamp`` an
   observation without one is refused too.
@@ -59,12 +62,38 @@ def _vec(x, dim: int, name: str) -> np.ndarray | None:
     return v
 
 
+def _hold_rules(hold, hold_action, dim: int, low: np.ndarray, high: np.ndarray) -> list | None:
+    """Per-dim hold rules ("zero" | "last" | float) from ``hold`` (a rule or one per dim) or the legacy
+    ``hold_action`` (numbers, clamped to the bounds); None when neither is given."""
+    if hold is None:
+        if hold_action is None:
+            return None
+        return np.clip(_vec(hold_action, dim, "hold_action"), low, high).tolist()
+    rules = [hold] * dim if isinstance(hold, str) or np.ndim(hold) == 0 else list(hold)
+    if len(rules) != dim:
+        raise ValueError(f"safety hold must be one rule or {dim} (one per action dim), got {len(rules)}")
+    out = []
+    for i, r in enumerate(rules):
+        if r in ("zero", "last"):
+            value = 0.0 if r == "zero" else None
+        elif isinstance(r, str):
+            raise ValueError(f"safety hold[{i}] must be 'zero', 'last' or a number, got {r!r}")
+        else:
+            value = float(r)
+        if value is not None and not (math.isfinite(value) and low[i] <= value <= high[i]):
+            raise ValueError(f"safety hold[{i}]={r!r} must lie inside the bounds [{low[i]}, {high[i]}]")
+        out.append(r if r == "last" else value)
+    return out
+
+
 class SafetyFilter:
-    def __init__(self, low, high, max_delta=None, hold_action=None, watchdog_timeout_s: float | None = None,
-                 clock=time.time, dim: int | None = None, require_timestamp: bool = False):
+    def __init__(self, low, high, max_delta=None, hold=None, watchdog_timeout_s: float | None = None,
+                 clock=time.time, dim: int | None = None, require_timestamp: bool = False, hold_action=None):
         low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
         if dim is None:
             shaped = [np.asarray(v) for v in (low, high, max_delta, hold_action) if v is not None]
+            if hold is not None and not isinstance(hold, str):
+                shaped.append(np.asarray(hold, dtype=object))
             dim = next((v.shape[0] for v in shaped if v.ndim == 1), None)
         if dim is None:
             raise ValueError("safety bounds: give per-dim low/high, or dim= with scalar bounds")
@@ -76,9 +105,7 @@ class SafetyFilter:
         self.max_delta = _vec(max_delta, self.dim, "max_delta")
         if self.max_delta is not None and np.any(self.max_delta <= 0):
             raise ValueError("safety max_delta must be > 0")
-        self.hold_action = _vec(hold_action, self.dim, "hold_action")
-        if self.hold_action is not None:
-            self.hold_action = np.clip(self.hold_action, low, high)
+        self.hold_rules = _hold_rules(hold, hold_action, self.dim, low, high)
         if watchdog_timeout_s is not None and not watchdog_timeout_s > 0:
             raise ValueError("safety watchdog_timeout_s must be > 0 (or None to disable)")
         self.watchdog_timeout_s = watchdog_timeout_s
@@ -87,13 +114,18 @@ class SafetyFilter:
         self.last: np.ndarray | None = None
 
     @classmethod
-    def from_manifest(cls, safety: dict, **overrides) -> "SafetyFilter":
+    def from_manifest(cls, manifest: dict, **overrides) -> "SafetyFilter":
+        """The filter a bundle declares: ``manifest["safety"]`` limits and the action space's ``hold``
+        (validated by :func:`~vla_rl.deploy.bundle.validate_manifest`); ``overrides`` replace any of them."""
+        safety = manifest["safety"]
         kw = {
             "low": safety["action_low"], "high": safety["action_high"], "max_delta": safety.get("max_delta"),
-            "hold_action": safety.get("hold_action"), "watchdog_timeout_s": safety.get("watchdog_timeout_s"),
+            "hold": manifest["action"].get("hold"), "watchdog_timeout_s": safety.get("watchdog_timeout_s"),
             "dim": len(safety["action_low"]), "require_timestamp": safety.get("require_timestamp", False),
         }
-        kw.update({k: v for k, v in overrides.items()})
+        if "hold_action" in overrides:  # the legacy spelling replaces the declared rules
+            kw["hold"] = None
+        kw.update(overrides)
         return cls(**kw)
 
     def reset(self) -> None:
@@ -139,11 +171,11 @@ class SafetyFilter:
         return Decision(clipped.astype(np.float32), "ok", reasons, clamped=clamped, rate_limited=rate_limited)
 
     def hold(self, reason: str) -> Decision:
-        if self.hold_action is not None:  # explicit (e.g. zero velocity) beats repeating the last command
-            action = self.hold_action
-            self.last = action
-        elif self.last is not None:
-            action = self.last
-        else:
-            return Decision(None, "hold", [reason, "no previous action and no hold_action: keep the robot still"])
+        """The declared hold (see the module docstring); ``action=None`` when it cannot be formed."""
+        if self.hold_rules is None:
+            return Decision(None, "hold", [reason, "no hold declared for this action space: keep the robot still"])
+        if self.last is None and "last" in self.hold_rules:
+            return Decision(None, "hold", [reason, "no previous action to hold: keep the robot still"])
+        action = np.array([self.last[i] if r == "last" else r for i, r in enumerate(self.hold_rules)])
+        self.last = action
         return Decision(action.astype(np.float32), "hold", [reason])
