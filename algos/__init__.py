@@ -2,7 +2,7 @@
 
 from .dppo import DPPO, DPPOConfig, compute_gae, group_advantages
 from .dsrl import DSRL, DSRLConfig, ReplayBuffer
-from .rwr import RWR, RWRConfig, episode_ended_later, rwr_weights
+from .rwr import RWR, RWRConfig, discounted_returns, rwr_weights
 
-__all__ = ["DPPO", "DPPOConfig", "DSRL", "DSRLConfig", "ReplayBuffer", "RWR", "RWRConfig", "compute_gae", "episode_ended_later", "group_advantages",
+__all__ = ["DPPO", "DPPOConfig", "DSRL", "DSRLConfig", "ReplayBuffer", "RWR", "RWRConfig", "compute_gae", "discounted_returns", "group_advantages",
            "rwr_weights"]

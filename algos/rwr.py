@@ -1,16 +1,25 @@
-"""Reward-weighted regression on the diffusion / flow-matching loss.
+"""Reward-weighted regression on whole episodes (Peters & Schaal 2007; DPPO's RWR baseline).
 
-Each collected (observation, executed action chunk) is weighted by ``exp(beta * normalized return)``
-(return = undiscounted reward-to-go of its episode, normalized over the batch), weights clipped at
-``max_weight``; the update is the weighted per-sample ``bc_loss``.
+Every decision (observation, executed action chunk) of a *finished* episode is regressed on with the
+weight ``exp(beta * normalized G_t)``, clipped at ``max_weight``, where G_t is the decision's discounted
+return-to-go (``gamma`` per decision: with an outcome-only reward a faster success weighs more). The update
+is the weighted per-sample ``bc_loss``, optionally plus a BC loss on demonstrations (``demo_path``).
 
-Only decisions whose episode ended inside the rollout have a known return; the others (the episode is
-still running when the rollout stops) are left out of the update rather than counted as failures.
+Whole episodes: a rollout of a few decisions per env cuts most episodes in two. Decisions of an episode
+still running at the end of a rollout wait in ``pending`` and join the update once their episode ends, so
+no decision is dropped for having started early and no failure is hidden by the window (the previous
+design used only the decisions whose episode ended inside one rollout: it lost the early decisions of long,
+failing episodes and biased the weights toward fast successes). The policy is updated once at least
+``min_episodes`` episodes have finished, so each update sees the outcome of many episodes rather than a
+handful of decisions (150 decisions per update regressed the policy onto a few of its own chunks on
+`place`: BENCHMARKS.md). Episodes cut by a reset of the envs (evaluation on the training envs, group
+resets) or by a divergence of the simulator have no outcome and are dropped. The episodes waiting for an
+update are not checkpointed: a resume restarts the envs, and at most ``min_episodes`` episodes' worth of
+env steps are collected again.
 
 The samples are regressed on as they were drawn, so any exploration noise added on top of the model's
 own distribution (``noise.std_floor`` above the sampler's std) is learned back and compounds over
-iterations; run RWR with a small std floor (configs/train/place_rwr.yaml) so that the samples are the
-model's distribution and only the weights move it.
+updates; run RWR with a small std floor (configs/train/place_rwr.yaml).
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tensordict import TensorDict
 from torch import nn
 
-from .dppo import group_advantages, refuse_steered
+from .dppo import refuse_steered
 
 
 @dataclass
@@ -28,13 +38,17 @@ class RWRConfig:
     beta: float = 2.0  # inverse temperature
     max_weight: float = 20.0
     normalize_returns: bool = True
+    gamma: float = 0.99  # discount per decision (one executed action chunk)
+    min_episodes: int = 64  # update once this many episodes have finished since the last update
     update_epochs: int = 4
     num_minibatches: int = 4
     # 1e-4 (4 epochs over ~150 decisions of known outcome per iteration) regressed the policy onto a
     # handful of its own chunks and lost every success on `place` within 13k env steps; 1e-5 did not.
     lr: float = 1e-5
     max_grad_norm: float = 1.0
-    skip_constant: bool = True  # no update when all returns of the rollout are equal (no signal)
+    skip_constant: bool = True  # no update when all returns are equal (no signal), e.g. no success at all
+    demo_path: str = ""  # demonstrations (vla_rl.data format) mixed into every minibatch as plain BC
+    demo_coef: float = 0.0  # weight of that BC term against the weighted loss (0 = no demos)
 
 
 def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
@@ -44,9 +58,13 @@ def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize
     return torch.exp(beta * r).clamp(max=max_weight)
 
 
-def episode_ended_later(dones: torch.Tensor) -> torch.Tensor:
-    """[T, N] bool: the episode of decision t ends at t or later within the rollout."""
-    return dones.int().flip(0).cummax(0).values.flip(0).bool()
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma G_{t+1} over one whole episode's rewards [L]."""
+    out, g = torch.zeros_like(rewards, dtype=torch.float32), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = float(rewards[t]) + gamma * g
+        out[t] = g
+    return out
 
 
 class RWR:
@@ -59,45 +77,109 @@ class RWR:
         refuse_steered(policy, "rwr")
         self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr)
         self.iteration = 0
+        self.pending: list[list[dict]] | None = None  # per env: segments of its running episode
+        self.ready: list[dict] = []  # finished episodes since the last update
+        self.demos = self._load_demos() if self.cfg.demo_coef > 0 else None
 
-    def update(self, buf) -> dict:
+    # ------------------------------------------------------------------ episodes
+    def on_env_reset(self) -> None:
+        """The runner restarted the envs: the episodes in progress end without an outcome."""
+        self.pending = None
+
+    def add_rollout(self, buf) -> None:
+        """Split a rollout [T, N] into episode segments; finished episodes move to ``ready``."""
         c = buf.data
-        dones = c["terminated"] | c["truncated"]
-        zeros = torch.zeros_like(c["group"])
-        _, rtg = group_advantages(c["reward"], dones, zeros)
-        known = episode_ended_later(dones)
-        rtg_known = rtg[known]
-        # Skip when no return is known yet, or (skip_constant) when every known return is equal (typically:
-        # no success in the rollout): uniform weights would make the update plain BC on the policy's own
-        # noisy samples -- pure drift, no signal.
-        constant = rtg_known.numel() > 1 and bool((rtg_known == rtg_known[0]).all())
-        if rtg_known.numel() == 0 or (self.cfg.skip_constant and constant):
-            self.iteration += 1
-            return {"policy_loss": float("nan"), "weight_max": 1.0, "weight_mean": 1.0, "skipped": 1.0}
-        w = torch.zeros_like(rtg)
-        w[known] = rwr_weights(rtg_known, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
-        flat = buf.flatten(w, rtg)
-        n, mb = flat["n"], max(1, flat["n"] // self.cfg.num_minibatches)
+        T, N = c.batch_size
+        if self.pending is None or len(self.pending) != N:
+            self.pending = [[] for _ in range(N)]
+        dones = (c["terminated"] | c["truncated"]).cpu()
+        for n in range(N):
+            start = 0
+            for t in dones[:, n].nonzero().flatten().tolist():
+                self.pending[n].append(self._segment(buf, n, start, t + 1))
+                if not bool(c["unstable"][t, n]):  # a diverged episode has no outcome
+                    self.ready.append(self._episode(self.pending[n]))
+                self.pending[n], start = [], t + 1
+            if start < T:
+                self.pending[n].append(self._segment(buf, n, start, T))
+        if buf.episodes_cut:
+            self.pending = None
+
+    @staticmethod
+    def _segment(buf, n: int, start: int, end: int) -> dict:
+        td = buf.data[start:end, n].select("obs", "actions", "reward")
+        return {"td": td, "instruction": [buf.instructions[t][n] for t in range(start, end)]}
+
+    def _episode(self, segments: list[dict]) -> dict:
+        td = torch.cat([s["td"] for s in segments], 0)
+        return {"td": td, "instruction": [i for s in segments for i in s["instruction"]],
+                "ret": discounted_returns(td["reward"], self.cfg.gamma)}
+
+    def ready_batch(self) -> tuple[TensorDict, list[str], torch.Tensor]:
+        """Every decision of the finished episodes: (tensors [M], instructions, discounted returns [M])."""
+        td = torch.cat([e["td"] for e in self.ready], 0)
+        return td, [i for e in self.ready for i in e["instruction"]], torch.cat([e["ret"] for e in self.ready])
+
+    # ------------------------------------------------------------------ update
+    def update(self, buf) -> dict:
+        self.add_rollout(buf)
+        self.iteration += 1
+        stats = {"episodes_ready": float(len(self.ready))}
+        if len(self.ready) < max(self.cfg.min_episodes, 1):
+            return {**stats, "skipped": 1.0}
+        td, instructions, ret = self.ready_batch()
+        self.ready = []
+        # Equal returns (typically: no success among the episodes) make uniform weights: the update would
+        # be plain BC on the policy's own samples -- drift, no signal.
+        if self.cfg.skip_constant and bool((ret == ret[0]).all()):
+            return {**stats, "skipped": 1.0}
+        w = rwr_weights(ret, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
+        losses = self._regress(td, instructions, w)
+        return {**stats, "skipped": 0.0, "policy_loss": sum(losses) / max(len(losses), 1), "decisions": float(len(w)),
+                "weight_max": w.max().item(), "weight_mean": w.mean().item(), "return_mean": ret.mean().item()}
+
+    def _regress(self, td: TensorDict, instructions: list[str], w: torch.Tensor) -> list[float]:
+        n = len(w)
+        mb = max(1, n // self.cfg.num_minibatches)
+        params = self.policy.actor_parameters()
         losses = []
         for _ in range(self.cfg.update_epochs):
             perm = torch.randperm(n)
             for s in range(0, n, mb):
                 idx = perm[s:s + mb]
-                obs = buf.index_obs(flat, idx)
-                per = self.policy.bc_loss(obs, flat["td"]["actions"][idx], reduction="none")
-                wi = flat["adv"][idx]
-                if wi.sum() <= 0:  # no decision of known outcome in this minibatch
-                    continue
-                loss = (wi * per).sum() / wi.sum()
+                obs = {k: v for k, v in td["obs"][idx].items()}
+                obs["instruction"] = [instructions[i] for i in idx.tolist()]
+                per = self.policy.bc_loss(obs, td["actions"][idx], reduction="none")
+                loss = (w[idx] * per).sum() / w[idx].sum()
+                if self.demos is not None:
+                    loss = loss + self.cfg.demo_coef * self._demo_loss(len(idx))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.policy.actor_parameters(), self.cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
                 self.opt.step()
                 losses.append(loss.item())
-        self.iteration += 1
-        return {"policy_loss": sum(losses) / max(len(losses), 1), "weight_max": w[known].max().item(),
-                "weight_mean": w[known].mean().item(), "known_fraction": known.float().mean().item(), "skipped": 0.0}
+        return losses
 
+    # ------------------------------------------------------------------ demonstrations
+    def _load_demos(self) -> dict:
+        from vla_rl.data import DemoDataset, load_episodes
+
+        if not self.cfg.demo_path:
+            raise ValueError("rwr.demo_coef > 0 needs rwr.demo_path (a demo directory or .hdf5 file)")
+        cfg = self.policy.cfg
+        data = DemoDataset(load_episodes(self.cfg.demo_path), cfg.horizon, use_rgb=bool(cfg.cameras)).tensors()
+        if data["action"].shape[-1] != cfg.action_dim or data["state"].shape[-1] != cfg.state_dim:
+            raise ValueError(f"rwr.demo_path={self.cfg.demo_path}: demos have action dim {data['action'].shape[-1]} and "
+                             f"state dim {data['state'].shape[-1]}, the policy {cfg.action_dim} and {cfg.state_dim}")
+        return data
+
+    def _demo_loss(self, size: int) -> torch.Tensor:
+        idx = torch.randint(0, len(self.demos["state"]), (size,))
+        obs = {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx.tolist()]) for k, v in self.demos.items()
+               if k in ("state", "rgb", "privileged", "instruction")}
+        return self.policy.bc_loss(obs, self.demos["action"][idx], self.demos["action_mask"][idx])
+
+    # ------------------------------------------------------------------ checkpoint
     def optimizers(self) -> dict:
         return {"actor": self.opt}
 

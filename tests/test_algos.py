@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from vla_rl.algos import DPPO, DPPOConfig, compute_gae, episode_ended_later, group_advantages, rwr_weights
+from vla_rl.algos import DPPO, DPPOConfig, compute_gae, group_advantages, rwr_weights
 from vla_rl.policy import VLAPolicy
 from vla_rl.policy.vla import Chain
 
@@ -28,6 +29,9 @@ class StubPolicy(nn.Module):
         self.cfg = type("Cfg", (), {"exec_steps": exec_steps})
 
     def actor_parameters(self):
+        return [self.w]
+
+    def head_parameters(self):
         return [self.w]
 
     def log_prob(self, obs, chain, per_dim=False):
@@ -157,28 +161,80 @@ def test_rwr_weights():
     assert torch.allclose(w2, torch.exp(0.5 * r))
 
 
-def test_rwr_leaves_out_decisions_of_unfinished_episodes():
-    # env 0 ends at t=1 (success), env 1 ends at t=0 (failure) then runs on past the rollout's end.
-    dones = torch.tensor([[False, True], [True, False], [False, False]])
-    known = episode_ended_later(dones)
-    assert known.tolist() == [[True, True], [True, False], [False, False]]
-    from vla_rl.algos import RWR, RWRConfig
+def _rollout(pol, obs, rewards, dones, unstable=None):
     from vla_rl.rollout import RolloutBuffer
+
+    T, N = dones.shape
+    buf = RolloutBuffer(T, N)
+    with torch.no_grad():
+        for t in range(T):
+            z = torch.zeros(N)
+            buf.add(obs, pol.sample(obs), rewards[t], dones[t], z, z, z,
+                    unstable=None if unstable is None else unstable[t])
+    buf.finalize()
+    return buf
+
+
+def test_rwr_regresses_on_whole_episodes_across_rollouts():
+    """An episode cut by the end of a rollout joins the update with every decision once it ends; decisions
+    weigh by their discounted return-to-go; the update waits for min_episodes; a reset drops what is running."""
+    from vla_rl.algos import RWR, RWRConfig
 
     torch.manual_seed(0)
     pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
     obs, _ = toy_demos(2, 4)
-    buf = RolloutBuffer(3, 2)
-    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
-    with torch.no_grad():
-        for t in range(3):
-            buf.add(obs, pol.sample(obs), rewards[t], dones[t], torch.zeros(2), torch.zeros(2), torch.zeros(2))
-    buf.finalize()
-    stats = RWR(pol, RWRConfig(update_epochs=1, num_minibatches=1)).update(buf)
-    assert stats["skipped"] == 0.0 and math.isclose(stats["known_fraction"], 3 / 6)
-    # Known returns 1, 1 (env 0) and 0 (env 1): normalized (1, 1, 0) -> weights exp(2 z), the largest clipped at 20.
-    z = (torch.tensor([1.0, 1.0, 0.0]) - 2 / 3) / torch.tensor([1.0, 1.0, 0.0]).std()
-    assert math.isclose(stats["weight_max"], torch.exp(2 * z).max().item(), rel_tol=1e-5)
+    algo = RWR(pol, RWRConfig(update_epochs=1, num_minibatches=1, gamma=0.5, min_episodes=2))
+    # Rollout 1: env 0 succeeds at t=1; env 1 is still running at the end.
+    buf1 = _rollout(pol, obs, torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[False, False], [True, False]]))
+    stats = algo.update(buf1)
+    assert stats["skipped"] == 1.0 and stats["episodes_ready"] == 1.0  # one episode: below min_episodes
+    # Rollout 2: env 1's episode succeeds at t=0 (its third decision); env 0's new one is still running.
+    buf2 = _rollout(pol, obs, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([[False, True], [False, False]]))
+    algo.add_rollout(buf2)
+    td, instructions, ret = algo.ready_batch()
+    assert ret.tolist() == [0.5, 1.0, 0.25, 0.5, 1.0]  # gamma = 0.5 per decision before the success
+    expected = torch.cat([buf1.data["actions"][:, 0], buf1.data["actions"][:, 1], buf2.data["actions"][:1, 1]])
+    assert torch.equal(td["actions"], expected) and len(instructions) == 5
+    before = [p.detach().clone() for p in pol.head.parameters()]
+    algo = RWR(pol, RWRConfig(update_epochs=1, num_minibatches=1, gamma=0.5, min_episodes=2))
+    algo.update(buf1)
+    stats = algo.update(buf2)
+    assert stats["skipped"] == 0.0 and stats["decisions"] == 5.0 and stats["episodes_ready"] == 2.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, pol.head.parameters()))
+    # A reset of the envs (evaluation on the training envs) ends the running episodes without an outcome.
+    algo.ready, algo.pending = [], None
+    algo.add_rollout(buf1)
+    algo.on_env_reset()
+    algo.add_rollout(buf2)
+    assert [len(e["ret"]) for e in algo.ready] == [2, 1]  # env 1's 2 decisions before the reset are gone
+    # A diverged episode has no outcome either.
+    algo.ready, algo.pending = [], None
+    algo.add_rollout(_rollout(pol, obs, torch.zeros(1, 2), torch.tensor([[True, True]]),
+                              unstable=torch.tensor([[True, False]])))
+    assert len(algo.ready) == 1
+
+
+def test_rwr_mixes_in_demonstrations(tmp_path):
+    from vla_rl.algos import RWR, RWRConfig
+    from vla_rl.data import EpisodeWriter
+
+    torch.manual_seed(0)
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+    with pytest.raises(ValueError, match="rwr.demo_path"):
+        RWR(pol, RWRConfig(demo_coef=1.0))
+    with EpisodeWriter(tmp_path / "bad") as w:
+        w.add_episode({"state": np.zeros((5, 3))}, np.zeros((5, 7)), instruction="go", success=True)
+    with pytest.raises(ValueError, match="action dim 7"):
+        RWR(pol, RWRConfig(demo_coef=1.0, demo_path=str(tmp_path / "bad")))
+    with EpisodeWriter(tmp_path / "demos") as w:
+        w.add_episode({"state": np.ones((6, 3))}, np.full((6, 2), 0.5), instruction="go", success=True)
+    algo = RWR(pol, RWRConfig(demo_coef=1.0, demo_path=str(tmp_path / "demos")))
+    torch.manual_seed(1)
+    with_demo = algo._demo_loss(4)
+    obs = {"state": torch.ones(4, 3), "instruction": ["go"] * 4}
+    torch.manual_seed(1)
+    idx = torch.randint(0, 6, (4,))  # the same draw: the demo term is the policy's BC loss on the demo chunks
+    torch.testing.assert_close(with_demo, pol.bc_loss(obs, torch.full((4, 4, 2), 0.5), algo.demos["action_mask"][idx]))
 
 
 def test_group_advantage_updates_actor_despite_critic_warmup(tmp_path):

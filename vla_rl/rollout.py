@@ -19,6 +19,8 @@ class RolloutBuffer:
         self.steps: list[TensorDict] = []
         self.instructions: list[list[str]] = []
         self.data: TensorDict | None = None
+        # The envs were reset right after this rollout (group resets): its unfinished episodes never end.
+        self.episodes_cut = False
 
     def reset(self):
         self.steps, self.instructions, self.data = [], [], None

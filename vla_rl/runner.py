@@ -105,6 +105,7 @@ class Runner:
 
     def _reset(self, seed):
         self.clock = torch.zeros(self.env.num_envs)  # control steps into each env's episode
+        getattr(self.algo, "on_env_reset", lambda: None)()  # the episodes of an episode-based algorithm (RWR) end
         if self.rc.group_size > 0:
             return self.env.reset_group(self.rc.group_size, seed=seed)
         return self.env.reset(seed=seed)
@@ -146,6 +147,7 @@ class Runner:
             self.obs, value, self.clock = nobs, value_nobs, clock_next
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
             self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
+            buf.episodes_cut = True
         buf.finalize()
         dt = time.perf_counter() - t0
         self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
