@@ -5,14 +5,30 @@ queue, noise stream, safety state); the graphs are shared and their calls serial
 lock. The server binds to 127.0.0.1 unless told otherwise. A malformed or oversized request gets an
 error reply and the connection (and the server) stays up; messages larger than twice
 ``max_message_bytes`` are refused by the websocket layer itself (close code 1009).
+
+One client cannot stall or exhaust the others:
+
+* until its hello is accepted (token checked) a connection may send only messages of at most
+  ``max_hello_bytes``: the websocket layer refuses a larger frame from its header (close 1009), before
+  reading or parsing it; only then is the limit raised to ``max_message_bytes``;
+* the hello must arrive within ``hello_timeout_s`` of the connection (else close 1008), the opening
+  handshake within the same time;
+* at most ``max_connections`` connections at once; one more is closed at once (1013, try again later);
+* an instruction longer than the runtime's ``max_instruction_chars`` is refused (``too_large``) before
+  it reaches the tokenizer; the language encoder runs outside the graph lock; its cache is bounded in bytes;
+* after a refused request (malformed, too large) the connection waits ``error_backoff_s`` per started
+  MiB before reading on, so that a client flooding large bad messages gets little of the server's CPU
+  (a well-behaved client never pays it); at most ``MAX_QUEUE`` messages are buffered per connection.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import inspect
 import logging
 import threading
+import time
 from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
@@ -27,6 +43,16 @@ from .runtime import PolicyRuntime
 log = logging.getLogger("vla_rl.deploy.server")
 DEFAULT_PORT = 8765
 DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+DEFAULT_MAX_HELLO_BYTES = 16 << 10  # a hello is a few hundred bytes: token + session options
+DEFAULT_HELLO_TIMEOUT_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_ERROR_BACKOFF_S = 0.05
+MAX_QUEUE = 2  # request/reply protocol: a deeper queue only holds more of a flooding client's data
+TOKEN_ENV = "VLA_RL_SERVE_TOKEN"
+
+
+class ServeError(ValueError):
+    """The server cannot start as asked (port in use or out of range, bad limits)."""
 _SESSION_KEYS = {"seed", "noise", "mode", "exec_steps", "ensemble_decay"}
 
 
@@ -39,15 +65,22 @@ class PolicyServer:
 
     def __init__(self, bundle_or_runtime, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, session_defaults: dict | None = None,
-                 safety: dict | None = None):
+                 safety: dict | None = None, *, max_hello_bytes: int = DEFAULT_MAX_HELLO_BYTES,
+                 hello_timeout_s: float = DEFAULT_HELLO_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 error_backoff_s: float = DEFAULT_ERROR_BACKOFF_S):
+        _check_limits(port, max_message_bytes, max_hello_bytes, hello_timeout_s, max_connections)
         self.runtime = (bundle_or_runtime if isinstance(bundle_or_runtime, PolicyRuntime)
                         else PolicyRuntime.load(bundle_or_runtime))
         self.token = token
         self.max_message_bytes = int(max_message_bytes)
+        self.max_hello_bytes = int(max_hello_bytes)
+        self.hello_timeout_s = float(hello_timeout_s)
+        self.max_connections = int(max_connections)
+        self.error_backoff_s = max(0.0, float(error_backoff_s))
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self.session_defaults = dict(session_defaults or {})
         self.safety = safety
-        self._server = ws_serve(self._handle, host, port, max_size=2 * self.max_message_bytes + 4096,
-                                compression=None)
+        self._server = _bind(self._handle, host, port, self.max_hello_bytes, self.hello_timeout_s)
         self.host, self.port = self._server.socket.getsockname()[:2]
         self._thread: threading.Thread | None = None
 
@@ -77,47 +110,95 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ one connection
     def _handle(self, ws) -> None:
-        session = None
+        if not self._slots.acquire(blocking=False):
+            ws.close(1013, f"server at its connection limit ({self.max_connections}); try again later")
+            return
         try:
-            for data in ws:
-                rid = None
-                try:
-                    if len(data) > self.max_message_bytes:
-                        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds max_message_bytes="
-                                                         f"{self.max_message_bytes}")
-                    msg = unpack(data)
-                    rid = msg.get("id")
-                    kind = msg["type"]
-                    if kind == "hello":
-                        session = self._hello(msg)
-                        reply = {"type": "hello", "protocol": PROTOCOL_VERSION, "server": "vla-rl",
-                                 "version": __version__, "metadata": _metadata(self.runtime)}
-                    elif session is None:
-                        raise ProtocolError("not_ready", "send hello first")
-                    elif kind == "act":
-                        obs = msg.get("observation")
-                        reply = {"type": "action", **session.act(obs if obs is not None else {}).to_dict()}
-                    elif kind == "reset":
-                        session.reset()
-                        reply = {"type": "reset", "ok": True}
-                    elif kind == "metadata":
-                        reply = {"type": "metadata", "metadata": _metadata(self.runtime)}
-                    else:
-                        raise ProtocolError("unknown_type", f"unknown request type {kind!r}")
-                except ProtocolError as e:
-                    ws.send(pack(error(e.code, e.message, rid if _plain(rid) else None)))
-                    if e.code == "unauthorized":
-                        ws.close(1008, "unauthorized")
-                        return
-                    continue
-                except Exception as e:  # never let one request take the connection or the server down
-                    log.exception("request failed")
-                    ws.send(pack(error("internal", f"{type(e).__name__}: {e}", rid if _plain(rid) else None)))
-                    continue
-                reply["id"] = rid if _plain(rid) else None
-                ws.send(pack(reply))
+            session = self._greet(ws)
+            if session is not None:
+                self._serve_session(ws, session)
         except ConnectionClosed:
             pass
+        finally:
+            self._slots.release()
+
+    def _greet(self, ws):
+        """Wait for an accepted hello (small messages only, within ``hello_timeout_s``); its session or None."""
+        deadline = time.monotonic() + self.hello_timeout_s
+        while True:
+            try:
+                data = ws.recv(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                ws.close(1008, f"no accepted hello within {self.hello_timeout_s:g} s")
+                return None
+            rid = None
+            try:
+                msg = unpack(data)
+                rid = msg.get("id")
+                if msg["type"] != "hello":
+                    raise ProtocolError("not_ready", "send hello first")
+                session = self._hello(msg)
+            except ProtocolError as e:
+                ws.send(pack(error(e.code, e.message, rid if _plain(rid) else None)))
+                if e.code == "unauthorized":
+                    ws.close(1008, "unauthorized")
+                    return None
+                continue
+            # Authenticated: from now on messages may be as large as an observation with images.
+            _set_max_size(ws, 2 * self.max_message_bytes + 4096)
+            ws.send(pack({"type": "hello", "protocol": PROTOCOL_VERSION, "server": "vla-rl", "version": __version__,
+                          "metadata": _metadata(self.runtime), "id": rid if _plain(rid) else None}))
+            return session
+
+    def _serve_session(self, ws, session) -> None:
+        for data in ws:
+            rid = None
+            try:
+                if len(data) > self.max_message_bytes:
+                    raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds max_message_bytes="
+                                                     f"{self.max_message_bytes}")
+                msg = unpack(data)
+                rid = msg.get("id")
+                reply, session = self._reply(msg, session)
+            except ProtocolError as e:
+                ws.send(pack(error(e.code, e.message, rid if _plain(rid) else None)))
+                if e.code == "unauthorized":
+                    ws.close(1008, "unauthorized")
+                    return
+                time.sleep(self.error_backoff_s * (1 + len(data) // (1 << 20)))
+                continue
+            except Exception as e:  # never let one request take the connection or the server down
+                log.exception("request failed")
+                ws.send(pack(error("internal", f"{type(e).__name__}: {e}", rid if _plain(rid) else None)))
+                continue
+            reply["id"] = rid if _plain(rid) else None
+            ws.send(pack(reply))
+
+    def _reply(self, msg: dict, session):
+        kind = msg["type"]
+        if kind == "hello":  # a new hello starts a new session (same checks)
+            session = self._hello(msg)
+            return {"type": "hello", "protocol": PROTOCOL_VERSION, "server": "vla-rl", "version": __version__,
+                    "metadata": _metadata(self.runtime)}, session
+        if kind == "act":
+            obs = msg.get("observation")
+            self._check_instruction(obs)
+            return {"type": "action", **session.act(obs if obs is not None else {}).to_dict()}, session
+        if kind == "reset":
+            session.reset()
+            return {"type": "reset", "ok": True}, session
+        if kind == "metadata":
+            return {"type": "metadata", "metadata": _metadata(self.runtime)}, session
+        raise ProtocolError("unknown_type", f"unknown request type {kind!r}")
+
+    def _check_instruction(self, obs) -> None:
+        """Refuse an oversized instruction here, as a protocol error (backed off), not after tokenizing it."""
+        text = obs.get("instruction") if isinstance(obs, dict) else None
+        if isinstance(text, (list, tuple)) and len(text) == 1:
+            text = text[0]
+        limit = self.runtime.max_instruction_chars
+        if isinstance(text, str) and len(text) > limit:
+            raise ProtocolError("too_large", f"instruction of {len(text)} characters exceeds max_instruction_chars={limit}")
 
     def _hello(self, msg: dict):
         if msg.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
@@ -140,10 +221,44 @@ def _plain(x) -> bool:
     return x is None or isinstance(x, (int, str))
 
 
+def _set_max_size(ws, n: int) -> None:
+    """Change the largest message this connection accepts (applies from the next frame)."""
+    p = ws.protocol
+    if hasattr(p, "max_message_size"):  # websockets >= 15
+        p.max_message_size = n
+    else:
+        p.max_size = n
+
+
+def _check_limits(port, max_message_bytes, max_hello_bytes, hello_timeout_s, max_connections) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeError(f"port must be an integer in 0..65535 (0: any free port), got {port!r}")
+    for name, v in (("max_message_bytes", max_message_bytes), ("max_hello_bytes", max_hello_bytes),
+                    ("max_connections", max_connections)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ServeError(f"{name} must be an integer >= 1, got {v!r}")
+    if not (isinstance(hello_timeout_s, (int, float)) and hello_timeout_s > 0):
+        raise ServeError(f"hello_timeout_s must be > 0 seconds, got {hello_timeout_s!r}")
+
+
+def _bind(handler, host: str, port: int, max_hello_bytes: int, hello_timeout_s: float):
+    """The websocket server, accepting only hello-sized messages until a connection authenticates."""
+    kw = {"max_queue": MAX_QUEUE} if "max_queue" in inspect.signature(ws_serve).parameters else {}
+    try:
+        return ws_serve(handler, host, port, max_size=max_hello_bytes, open_timeout=hello_timeout_s,
+                        compression=None, **kw)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is already in use (another `vla-rl serve`?); choose another "
+                             "--port, or 0 for any free one") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def serve(bundle_dir, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None, **kwargs) -> None:
     """Serve ``bundle_dir`` until interrupted (blocking). ``kwargs`` go to :class:`PolicyServer`."""
     server = PolicyServer(bundle_dir, host, port, token, **kwargs)
-    print(f"vla-rl serve: {bundle_dir} on {server.url}" + (" (token required)" if token else ""), flush=True)
+    where = server.runtime.bundle_dir
+    print(f"vla-rl serve: {where} on {server.url}" + (" (token required)" if token else ""), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -216,20 +331,32 @@ class PolicyClient:
 # ---------------------------------------------------------------------- CLI hooks
 def serve_main(args) -> None:
     import os
+    import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    token = args.token or os.environ.get("VLA_RL_SERVE_TOKEN")
-    serve(Path(args.bundle), args.host, args.port, token, max_message_bytes=args.max_message_bytes,
-          session_defaults={"mode": args.mode, "noise": args.noise, "seed": args.seed})
+    if args.token is not None:  # argv is world-readable (ps, /proc/<pid>/cmdline)
+        print(f"vla-rl serve: warning: --token is visible to every user of this machine in `ps`; set {TOKEN_ENV} "
+              "instead", file=sys.stderr, flush=True)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    _check_limits(args.port, args.max_message_bytes, args.max_hello_bytes, args.hello_timeout, args.max_connections)
+    runtime = PolicyRuntime.load(Path(args.bundle), max_instruction_chars=args.max_instruction_chars)
+    serve(runtime, args.host, args.port, token, max_message_bytes=args.max_message_bytes,
+          session_defaults={"mode": args.mode, "noise": args.noise, "seed": args.seed},
+          max_hello_bytes=args.max_hello_bytes, hello_timeout_s=args.hello_timeout, max_connections=args.max_connections)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m vla_rl.deploy.server <bundle>``: the server without the training stack (no torch)."""
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m vla_rl.deploy.server", description="serve an exported policy bundle")
     add_serve_arguments(parser)
-    serve_main(parser.parse_args(argv))
+    try:
+        serve_main(parser.parse_args(argv))
+    except ValueError as e:  # ServeError, BundleError: named, no traceback
+        print(f"vla-rl serve: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
