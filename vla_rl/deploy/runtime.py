@@ -126,7 +126,7 @@ class PolicyRuntime:
         """Parse one robot's observation (unbatched, or a batch of 1) -> (feeds, None) or (None, reason)."""
         if not isinstance(obs, Mapping):
             return None, f"observation must be a mapping, got {type(obs).__name__}"
-        if "state" not in obs:
+        if obs.get("state") is None:
             return None, "observation lacks 'state'"
         try:
             state = np.asarray(obs["state"])

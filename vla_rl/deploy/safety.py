@@ -86,6 +86,9 @@ def _hold_rules(hold, hold_action, dim: int, low: np.ndarray, high: np.ndarray) 
     return out
 
 
+OVERRIDE_KEYS = {"low", "high", "max_delta", "hold", "hold_action", "watchdog_timeout_s", "clock", "require_timestamp"}
+
+
 class SafetyFilter:
     def __init__(self, low, high, max_delta=None, hold=None, watchdog_timeout_s: float | None = None,
                  clock=time.time, dim: int | None = None, require_timestamp: bool = False, hold_action=None):
@@ -123,6 +126,9 @@ class SafetyFilter:
             "hold": manifest["action"].get("hold"), "watchdog_timeout_s": safety.get("watchdog_timeout_s"),
             "dim": len(safety["action_low"]), "require_timestamp": safety.get("require_timestamp", False),
         }
+        unknown = set(overrides) - OVERRIDE_KEYS
+        if unknown:
+            raise ValueError(f"unknown safety override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDE_KEYS)}")
         if "hold_action" in overrides:  # the legacy spelling replaces the declared rules
             kw["hold"] = None
         kw.update(overrides)
