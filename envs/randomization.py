@@ -102,12 +102,21 @@ def validate(cfg, path: str = "randomization") -> None:
         if dataclasses.is_dataclass(value):
             validate(value, name)
         elif isinstance(value, tuple):
-            if len(value) != 2:
-                raise EnvError(f"{name} must be a (low, high) pair, got {value}")
+            if len(value) != 2 or not all(_is_number(v) for v in value):
+                raise EnvError(f"{name} must be a (low, high) pair of numbers, got {value}")
             if value[0] > value[1]:
                 raise EnvError(f"{name}: low {value[0]} > high {value[1]}")
-        elif isinstance(value, float) and value < 0:
+            # Every factor is a scale, an intensity, a step count or a std: none is meaningful below 0.
+            if value[0] < 0:
+                raise EnvError(f"{name}={list(value)}: must be 0 <= low <= high, got low {value[0]}")
+            if f.type in ("tuple[int, int]", tuple[int, int]) and not all(float(v).is_integer() for v in value):
+                raise EnvError(f"{name} must be a pair of integers (control steps), got {value}")
+        elif _is_number(value) and value < 0:
             raise EnvError(f"{name} must be >= 0, got {value}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def uniform(gen: torch.Generator, n: int, low: float, high: float, k: int | None = None) -> torch.Tensor:

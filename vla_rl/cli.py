@@ -17,7 +17,7 @@ import dataclasses
 import json
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_value, check_values, gt, load_config
 
 
 def _pretrain(args) -> None:
@@ -76,8 +76,10 @@ def _eval(args) -> None:
 
     if bool(args.policy) == bool(args.bundle):
         raise ConfigError("give exactly one of --policy DIR or --bundle DIR")
+    check_value("--episodes", args.episodes, gt(0))
     overrides = [f"task={args.task}", f"num_envs={args.num_envs}", *args.overrides]
     env_cfg = load_config(EnvConfig, args.env_config or [], overrides)
+    check_values(env_cfg)  # the device too, before anything is loaded
     if args.split:
         env_cfg.randomization = dataclasses.replace(env_cfg.randomization or RandomizationConfig(), split=args.split)
     if args.policy:
@@ -97,15 +99,34 @@ def _eval(args) -> None:
         env = make_env_from_config(env_cfg)
         result = evaluate_bundle(runtime, env, args.episodes, seed=args.seed, video_path=args.video)
     env.close()
+    _print_eval(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return _held_everything(result)
+
+
+def _print_eval(result: dict) -> None:
     low, high = result["success_ci95"]
     print(f"success rate {result['success_rate']:.1%} (95% CI {low:.1%}-{high:.1%}) over {result['num_episodes']} "
           f"episodes; mean return {result['mean_return']:.3f}, mean length {result['mean_length']:.1f}")
     for factor, rows in result["by_factor"].items():
         cells = ", ".join(f"[{r['low']:.2f}, {r['high']:.2f}]: {r['success_rate']:.0%} (n={r['n']})" for r in rows)
         print(f"  {factor}: {cells}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    if "holds" in result:
+        reasons = "; ".join(f"{r} ({n}x)" for r, n in list(result["hold_reasons"].items())[:5])
+        print(f"safety holds: {result['holds']} of {result['control_steps']} control steps"
+              + (f" -- {reasons}" if reasons else ""))
+
+
+def _held_everything(result: dict) -> int:
+    """Exit status 3 when the safety filter held every step: the bundle never acted, so its success rate
+    says nothing (typically its observation spec does not match the env)."""
+    if result.get("holds") and result["holds"] == result.get("control_steps"):
+        print("vla-rl eval: error: the bundle held every control step (see the reasons above); "
+              "its success rate measures nothing", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _use_policy_cameras(cameras, image_size, env_cfg) -> None:
@@ -118,6 +139,7 @@ def _demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
     cfg = load_config(DemoConfig, args.config or [], args.overrides)
+    check_values(cfg)  # the device too, before demos are collected
     run_demo(cfg)
 
 
@@ -199,15 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":  # split "a.yaml b.yaml k=v k2=v2" into files and overrides
         args.overrides = [a for a in args.config if "=" in a]
         args.config = [a for a in args.config if "=" not in a]
+    from .train_monitor import TrainingDiverged
+
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"vla-rl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # EnvError, CheckpointError, DataError, ObservationError: bad input, named
         print(f"vla-rl {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingDiverged as e:
+        print(f"vla-rl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vla_rl.config import check_value, ge, gt
 from vla_rl.data import EpisodeWriter
 from vla_rl.envs import make_env
 from vla_rl.envs.experts import make_expert
@@ -38,6 +39,10 @@ def collect_demos(
     """
     if label not in ("expert", "executed"):
         raise ValueError(f"label must be 'expert' or 'executed', got {label!r}")
+    # checked before the env and the output file exist: a bad value writes nothing
+    check_value("num_episodes (--episodes)", num_episodes, gt(0))
+    check_value("num_envs (--num-envs)", num_envs, gt(0))
+    check_value("noise (--noise)", noise, ge(0))
     env = make_env(task, num_envs, cameras=tuple(cameras), image_size=tuple(image_size),
                    randomization=randomization, seed=seed, **env_kwargs)
     act = make_expert(env)

@@ -36,15 +36,18 @@ def evaluate_bundle(runtime, env, num_episodes: int, seed: int | None = None, bi
                     video_path: str | None = None, max_steps: int = 100_000, **session_kwargs) -> dict:
     """Close the loop through an exported bundle (``vla_rl.deploy.PolicyRuntime``): every env gets its own
     ``ControlSession`` (action queue or ensembling + safety filter), stepped one control step at a time,
-    so the artifact that goes to the robot is the one evaluated. Adds ``holds`` (safety holds)."""
+    so the artifact that goes to the robot is the one evaluated. Adds ``holds`` (safety holds), ``control_steps``
+    (decisions made) and ``hold_reasons`` (reason -> count)."""
     import numpy as np
+
+    from collections import Counter
 
     base = 0 if seed is None else seed
     sessions = [runtime.session(seed=base + i, **session_kwargs) for i in range(env.num_envs)]
-    holds = 0
+    holds, steps, reasons = 0, 0, Counter()
 
     def act(obs, ended_ids):
-        nonlocal holds
+        nonlocal holds, steps
         for i in ended_ids:  # a new episode starts with an empty queue and fresh safety state
             sessions[i].reset()
         state = obs["state"].cpu().numpy()
@@ -55,19 +58,24 @@ def evaluate_bundle(runtime, env, num_episodes: int, seed: int | None = None, bi
             if rgb is not None:
                 robot_obs["rgb"] = rgb[i]
             decision = session.act(robot_obs)
-            holds += decision.status != "ok"
+            steps += 1
+            if decision.status != "ok":
+                holds += 1
+                reasons.update(decision.reasons or ["(no reason given)"])
             if decision.action is not None:  # nothing safe to send: a zero command (delta control holds)
                 actions[i] = decision.action
         return torch.from_numpy(actions).to(env.device)
 
     out = run_episodes(env, act, num_episodes, seed, bins, video_path, max_steps)
-    out["holds"] = holds
+    out.update(holds=holds, control_steps=steps, hold_reasons=dict(reasons.most_common()))
     return out
 
 
 def run_episodes(env, act, num_episodes: int, seed, bins: int, video_path, max_calls: int) -> dict:
     """Step ``env`` with ``act(obs, ids of envs that just started a new episode)`` until every env has
     finished its quota of episodes, and summarize them."""
+    if not (isinstance(num_episodes, int) and num_episodes > 0):
+        raise ValueError(f"num_episodes must be an integer > 0, got {num_episodes!r}")
     obs = env.reset(seed=seed)
     succ, rets, lens, factors, frames = [], [], [], {}, []
     # Each env contributes a fixed quota of episodes: taking the first N episodes to finish would
@@ -100,9 +108,10 @@ def run_episodes(env, act, num_episodes: int, seed, bins: int, video_path, max_c
         edges = torch.quantile(v, torch.linspace(0, 1, bins + 1))
         b = torch.bucketize(v, edges[1:-1])
         s = torch.tensor(succ, dtype=torch.float32)
+        # Repeated quantile edges (a factor with few distinct values) leave empty bins: not reported.
         out["by_factor"][name] = [{"low": edges[i].item(), "high": edges[i + 1].item(), "n": int((b == i).sum()),
-                                   "success_rate": s[b == i].mean().item() if (b == i).any() else float("nan")}
-                                  for i in range(bins)]
+                                   "success_rate": s[b == i].mean().item()}
+                                  for i in range(bins) if (b == i).any()]
     if video_path:
         if not frames:
             print(f"evaluate: no rgb observations, video {video_path} not written")

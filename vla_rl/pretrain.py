@@ -18,6 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .config import check_values
 from .data import DemoDataset, load_episodes
 from .policy import DIT_SIZES, PolicyConfig, VLAPolicy
 
@@ -72,6 +73,7 @@ def build_policy_for_data(cfg: PretrainConfig, dataset: DemoDataset) -> VLAPolic
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run behaviour cloning; returns the checkpoint directory."""
+    check_values(cfg)  # steps=0 would "finish" having written nothing
     if not cfg.data:
         raise ValueError("pretrain needs data= (a demo directory or .hdf5 file)")
     schedule = lr_factor(cfg)  # a bad schedule name fails before any data is read

@@ -5,6 +5,10 @@ Checkpoint layout (``<log_dir>/checkpoint``, written atomically; a crash leaves 
     policy/            VLAPolicy.save_pretrained
     optim.safetensors  optimizer tensors (keys "<opt>/<param index>/<name>")
     state.json         iteration, env steps, optimizer scalars/param groups, algorithm state, RNG
+    checksums.json     sha256 of every file above (a corrupt file is a named CheckpointError on resume)
+
+Whether a run resumes is decided before any work (``vla_rl.resume``): an existing checkpoint is resumed
+only if it is whole and written by the same run, and is never overwritten by a run started from zero.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from vla_rl.algos import DPPO, DSRL, RWR, DPPOConfig, DSRLConfig, RWRConfig
-from vla_rl.checkpoint import read_json, write_dir_atomically
+from vla_rl.checkpoint import CheckpointError, write_dir_atomically
+from vla_rl.config import check_values
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
+from vla_rl.resume import check_policy_overrides, open_checkpoint, resume_state
 from vla_rl.rollout import RolloutBuffer
+from vla_rl.train_monitor import DivergenceWatch, EpisodeOutcomes
 
 
 @dataclass
@@ -41,6 +48,9 @@ class RunnerConfig:
     resume: bool = True  # continue from <log_dir>/checkpoint if present
     group_size: int = 0  # >0: envs reset in groups with identical starts (GRPO), needs env.reset_group
     progress: bool = True
+    # Stop with an error when more than half of the envs diverge (info["unstable"]) in this many iterations
+    # in a row; 0 = never stop.
+    max_unstable_iters: int = 3
 
 
 @dataclass
@@ -81,6 +91,12 @@ class Runner:
     def __init__(self, cfg: TrainConfig, policy=None, env=None, eval_env=None, env_factory=None):
         rc = cfg.runner
         self.cfg, self.rc = cfg, rc
+        check_values(cfg)  # every value, before anything is loaded or written
+        if policy is None:
+            check_policy_overrides(cfg.policy_path, cfg.policy_overrides)
+        self.log_dir = Path(rc.log_dir)
+        self.ckpt_dir = self.log_dir / "checkpoint"
+        resume = resume_state(self.ckpt_dir, cfg)  # refuses a checkpoint it must neither resume nor overwrite
         torch.manual_seed(rc.seed)
         factory = env_factory or _default_env_factory
         self.policy = policy if policy is not None else VLAPolicy.from_pretrained(
@@ -92,11 +108,11 @@ class Runner:
                              f"{type(self.env).__name__} has none (set runner.group_size=0: the group "
                              "advantage then uses a per-instruction baseline)")
         self.algo = make_algo(cfg.algo, self.policy, cfg)
-        self.log_dir = Path(rc.log_dir)
-        self.ckpt_dir = self.log_dir / "checkpoint"
         self.iteration, self.env_steps = 0, 0
-        if rc.resume and (self.ckpt_dir / "state.json").is_file():
-            self.load(self.ckpt_dir)
+        if resume is not None:
+            self.load(self.ckpt_dir, resume)
+        self.outcomes = EpisodeOutcomes(self.env.num_envs)
+        self.divergence = DivergenceWatch(self.env.num_envs, rc.max_unstable_iters)
         self.writer = SummaryWriter(str(self.log_dir / "tb"))
         self.gen = torch.Generator(device=self.policy.device).manual_seed(rc.seed + 7919 * self.iteration)
         if getattr(self, "_gen_state", None) is not None:
@@ -105,7 +121,8 @@ class Runner:
 
     def _reset(self, seed):
         self.clock = torch.zeros(self.env.num_envs)  # control steps into each env's episode
-        getattr(self.algo, "on_env_reset", lambda: None)()  # the episodes of an episode-based algorithm (RWR) end
+        self.outcomes.abandon()  # the episodes in progress are cut short
+        getattr(self.algo, "on_env_reset", lambda: None)()  # so are an episode-based algorithm's (RWR)
         if self.rc.group_size > 0:
             return self.env.reset_group(self.rc.group_size, seed=seed)
         return self.env.reset(seed=seed)
@@ -153,9 +170,10 @@ class Runner:
         self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
         return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
 
-    @staticmethod
-    def _record_episodes(info: dict, done: torch.Tensor, ep: dict) -> int:
+    def _record_episodes(self, info: dict, done: torch.Tensor, ep: dict) -> int:
         """Append the outcome, return and length of the episodes that ended; returns control steps executed."""
+        self.outcomes.record(done, info["success"].cpu())
+        self.divergence.record(info, done)
         ep["success"] += info["success"].cpu()[done].float().tolist()
         ep["return"] += info["episode_return"].cpu()[done].tolist()
         ep["length"] += info["episode_length"].cpu()[done].float().tolist()
@@ -223,7 +241,9 @@ class Runner:
         rc = self.rc
         bar = tqdm(range(self.iteration, rc.iterations), initial=self.iteration, total=rc.iterations,
                    disable=not rc.progress, desc=f"{self.cfg.algo}")
+        success = None  # the last unbiased training success rate, for the progress bar
         for it in bar:
+            self.outcomes.begin(it, self.clock == 0)
             if getattr(self.algo, "off_policy", False):
                 stats, roll = self.collect_off_policy()
             else:
@@ -233,8 +253,15 @@ class Runner:
                 stats["update_time"] = time.perf_counter() - t0
             self.iteration = it + 1
             w, step = self.writer, self.env_steps
+            unstable = self.divergence.end_iteration()  # envs that diverged (info["unstable"]) this iteration
+            w.add_scalar("train/unstable_envs", unstable, step)
+            self._stop_if_diverged()
+            for _it, success, n in self.outcomes.completed():  # unbiased: see vla_rl.train_monitor
+                w.add_scalar("train/success_rate", success, step)
+                w.add_scalar("train/success_rate_episodes", n, step)
             if roll["success"]:
-                w.add_scalar("train/success_rate", sum(roll["success"]) / len(roll["success"]), step)
+                # Success among the episodes that ended in this rollout: biased toward short (successful) ones.
+                w.add_scalar("train/success_rate_ended", sum(roll["success"]) / len(roll["success"]), step)
                 w.add_scalar("train/episode_return", sum(roll["return"]) / len(roll["return"]), step)
                 w.add_scalar("train/episode_length", sum(roll["length"]) / len(roll["length"]), step)
             w.add_scalar("perf/env_steps_per_s", roll["env_steps_per_s"], step)
@@ -250,11 +277,18 @@ class Runner:
                 self.obs = self._reset(rc.seed + self.iteration) if self.eval_env is self.env else self.obs
             if (rc.checkpoint_every and self.iteration % rc.checkpoint_every == 0) or self.iteration == rc.iterations:
                 self.save(self.ckpt_dir)
-            if roll["success"]:
-                bar.set_postfix(success=f"{sum(roll['success']) / len(roll['success']):.2f}")
+            bar.set_postfix(success="..." if success is None else f"{success:.2f}", unstable=unstable)
         self.writer.flush()
         self.writer.close()
         return self.log_dir
+
+    def _stop_if_diverged(self) -> None:
+        """Stop (before this iteration's data is checkpointed) when most envs keep diverging."""
+        try:
+            self.divergence.check(self.iteration, f"The last checkpoint in {self.ckpt_dir} is kept.")
+        except Exception:
+            self.writer.flush()
+            raise
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, path: Path) -> Path:
@@ -282,10 +316,12 @@ class Runner:
                 save_file({k: v.detach().cpu().contiguous() for k, v in algo_tensors.items()}, str(tmp / "algo.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state))
 
-        return write_dir_atomically(path, write)
+        return write_dir_atomically(path, write, checksums=True)
 
-    def load(self, path: Path) -> None:
-        state = read_json(path / "state.json")
+    def load(self, path: Path, state: dict | None = None) -> None:
+        """Restore the checkpoint at ``path`` (``state``: its already verified state.json)."""
+        path = Path(path)
+        state = state if state is not None else open_checkpoint(path)
         loaded = VLAPolicy.from_pretrained(path / "policy", device=self.policy.device)
         if (loaded.noise_actor is None) != (self.policy.noise_actor is None):
             raise ValueError(f"{path}: the checkpoint's policy and this run's algorithm ({self.cfg.algo}) disagree "
@@ -293,8 +329,23 @@ class Runner:
         if loaded.cfg.critic_clock != self.policy.cfg.critic_clock:
             raise ValueError(f"{path}: the checkpoint's critic {'reads' if loaded.cfg.critic_clock else 'does not read'} the "
                              f"episode clock; resume with dppo.critic_clock={str(loaded.cfg.critic_clock).lower()}")
-        self.policy.load_state_dict(loaded.state_dict())
-        tensors = load_file(str(path / "optim.safetensors"))
+        try:
+            self.policy.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:  # the networks of this run and the checkpoint differ in shape
+            raise CheckpointError(f"{path / 'policy'} does not fit this run's policy: {e}") from e
+        try:
+            self._load_optimizers(state, _read_tensors(path / "optim.safetensors"))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path / 'optim.safetensors'} does not fit this run's optimizers: {e!r}") from e
+        if hasattr(self.algo, "state_tensors"):
+            self.algo.load_extra_state(state["algo"], _read_tensors(path / "algo.safetensors"))
+        else:
+            self.algo.load_extra_state(state["algo"])
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self._gen_state = torch.tensor(state["gen_rng"], dtype=torch.uint8)
+
+    def _load_optimizers(self, state: dict, tensors: dict) -> None:
         for name, opt in self.algo.optimizers().items():
             meta = state["optimizers"][name]
             st: dict[int, dict[str, Any]] = {}
@@ -306,13 +357,13 @@ class Runner:
                 pid, k = key.split("/", 1)
                 st.setdefault(int(pid), {})[k] = v
             opt.load_state_dict({"state": st, "param_groups": meta["param_groups"]})
-        if hasattr(self.algo, "state_tensors"):
-            self.algo.load_extra_state(state["algo"], load_file(str(path / "algo.safetensors")))
-        else:
-            self.algo.load_extra_state(state["algo"])
-        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self._gen_state = torch.tensor(state["gen_rng"], dtype=torch.uint8)
+
+
+def _read_tensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated / garbage files
+        raise CheckpointError(f"{path} is missing or corrupt: {e}") from e
 
 
 def _jsonable(x):
