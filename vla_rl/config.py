@@ -55,7 +55,8 @@ def load_config(schema: type, paths=(), overrides=()):
             merged = OmegaConf.merge(merged, source)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or getattr(e, "key", None)
-            raise ConfigError(f"{name}: invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from e
+            msg = str(e.msg if hasattr(e, "msg") else e).splitlines()[0]  # omegaconf appends its internals
+            raise ConfigError(f"{name}: invalid config key {key!r}: {msg}") from e
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -83,7 +83,7 @@ def typed_env_config(env: dict, prefix: str = "env.") -> EnvConfig:
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        raise ConfigError(f"{prefix}{key}: {getattr(e, 'msg', e)}") from e
+        raise ConfigError(f"{prefix}{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from e
     except ValueError as e:  # RandomizationConfig's own range check
         raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
     check_values(typed, prefix)

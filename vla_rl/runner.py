@@ -333,8 +333,9 @@ class Runner:
             self.policy.load_state_dict(loaded.state_dict())
         except RuntimeError as e:  # the networks of this run and the checkpoint differ in shape
             raise CheckpointError(f"{path / 'policy'} does not fit this run's policy: {e}") from e
+        tensors = _read_tensors(path / "optim.safetensors")
         try:
-            self._load_optimizers(state, _read_tensors(path / "optim.safetensors"))
+            self._load_optimizers(state, tensors)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'optim.safetensors'} does not fit this run's optimizers: {e!r}") from e
         if hasattr(self.algo, "state_tensors"):
