@@ -241,12 +241,19 @@ def checkpoint_cases(tmp: Path, policy_dir: Path, good_run: Path):
         "resume with dppo.train_encoders changed (network)": (policy_dir, "dppo.train_encoders=true",
                                                               ["dppo.train_encoders"]),
         "resume with other policy_overrides": (policy_dir, "policy_overrides.noise.std_floor=0.3", ["policy_overrides"]),
-        "runner.resume=false over an existing checkpoint": (policy_dir, "runner.resume=false", ["runner.resume=false"]),
     }
     for name, (pdir, override, names) in mismatches.items():
         run = fresh(f"mismatch-{len(RESULTS)}")
         argv = ["train", train_yaml(tmp, pdir, run, iters=4)] + ([override] if override else [])
         refused(area, name, argv, names, keep=run / "checkpoint")
+
+    run = fresh("fresh-on-purpose")  # runner.resume=false: a fresh run, the old checkpoint kept aside
+    before = snapshot(run / "checkpoint")
+    rc, _, err, escaped = cli(["train", train_yaml(tmp, policy_dir, run, iters=1), "runner.resume=false"])
+    kept = [p for p in run.iterdir() if p.name.startswith("checkpoint.before-")]
+    ok = rc == 0 and state_iteration(run) == 1 and len(kept) == 1 and snapshot(kept[0]) == before
+    record(area, "runner.resume=false over an existing checkpoint (fresh run, old one kept)",
+           "accepted correctly" if ok else ("traceback" if escaped else "data lost"), err)
 
     run = fresh("resume-ok")  # a plain resume after the run stopped (SIGKILL-like): continues, nothing lost
     rc, _, err, escaped = cli(["train", train_yaml(tmp, policy_dir, run, iters=3)])

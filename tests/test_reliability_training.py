@@ -141,12 +141,13 @@ def test_missing_state_json_stops_and_overwrites_nothing(trained_run, tmp_path, 
     assert _snapshot(run) == before
 
 
-def test_resume_false_does_not_overwrite_a_checkpoint(trained_run, tmp_path):
+def test_resume_false_starts_fresh_and_keeps_the_old_checkpoint(trained_run, tmp_path):
     run = _copy(trained_run, tmp_path)
-    before = _snapshot(run)
-    with pytest.raises(CheckpointError, match="runner.resume=false would overwrite"):
-        Runner(_cfg(run, iters=3, resume=False), policy=_policy(), env=ToyGoalEnv(8))
-    assert _snapshot(run) == before
+    before = _snapshot(run / "checkpoint")
+    r = Runner(_cfg(run, iters=3, resume=False), policy=_policy(), env=ToyGoalEnv(8))
+    assert r.iteration == 0 and not (run / "checkpoint").exists()
+    kept = [p for p in run.iterdir() if p.name.startswith("checkpoint.before-")]
+    assert len(kept) == 1 and _snapshot(kept[0]) == before
 
 
 @pytest.mark.parametrize("change, expect", [

@@ -3,11 +3,14 @@
 ``<log_dir>/checkpoint`` present means "this run has progress": it is resumed if it is whole and was written
 by the same run (same ``policy_path``, ``algo``, sampler overrides and networks), and otherwise the run
 stops with a message naming the directory and what to do; it is never overwritten by a run that started
-from iteration 0. ``policy_overrides`` may change how the chain is sampled, never what the weights mean.
+from iteration 0 (``runner.resume=false``, a fresh start on purpose, renames it to ``checkpoint.before-<time>``). ``policy_overrides`` may change how the chain is sampled, never what the weights mean.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,8 +36,8 @@ SAMPLING_KEYS = frozenset({"exec_steps", "noise.sample_steps", "noise.eta", "noi
 
 
 def _fresh_hint(ckpt_dir: Path) -> str:
-    return (f"to start a fresh run on purpose, set runner.log_dir to a new directory "
-            f"(or move {ckpt_dir} away yourself)")
+    return (f"to start a fresh run on purpose, set runner.log_dir to a new directory, or runner.resume=false "
+            f"(which keeps {ckpt_dir} as {ckpt_dir.name}.before-<time>)")
 
 
 def open_checkpoint(path: Path) -> dict:
@@ -58,9 +61,11 @@ def resume_state(ckpt_dir: Path, cfg) -> dict | None:
     ckpt_dir = recover_dir(Path(ckpt_dir))
     if not ckpt_dir.exists():
         return None
-    if not cfg.runner.resume:
-        raise CheckpointError(f"{ckpt_dir} holds a checkpoint and runner.resume=false would overwrite it; "
-                              f"{_fresh_hint(ckpt_dir)}")
+    if not cfg.runner.resume:  # a fresh start on purpose: the old checkpoint is kept, under another name
+        kept = _keep_aside(ckpt_dir)
+        print(f"runner.resume=false: starting from iteration 0; the previous checkpoint is kept as {kept}",
+              file=sys.stderr)
+        return None
     if not (ckpt_dir / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} exists but {STATE_FILE} is missing, so its progress "
                               f"cannot be resumed (it was left untouched); {_fresh_hint(ckpt_dir)}")
@@ -76,6 +81,15 @@ def resume_state(ckpt_dir: Path, cfg) -> dict | None:
             + f"\nresume with the checkpoint's values, or {_fresh_hint(ckpt_dir)} "
               f"(policy_path={ckpt_dir / 'policy'} starts a new run from its policy)")
     return state
+
+
+def _keep_aside(ckpt_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept, n = ckpt_dir.with_name(f"{ckpt_dir.name}.before-{stamp}"), 1
+    while kept.exists():
+        kept, n = ckpt_dir.with_name(f"{ckpt_dir.name}.before-{stamp}-{n}"), n + 1
+    os.replace(ckpt_dir, kept)
+    return kept
 
 
 def _get(d: dict, dotted: str):
@@ -133,7 +147,7 @@ def check_policy_overrides(policy_path: str, overrides: dict) -> None:
         return
     schema = _flatten(OmegaConf.to_container(OmegaConf.structured(PolicyConfig)))
     saved_file = Path(policy_path) / CONFIG_FILE
-    saved = schema
+    saved = None
     if saved_file.is_file():  # a missing one is reported by VLAPolicy.from_pretrained, naming the file
         try:
             merged = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(saved_file))
@@ -144,7 +158,7 @@ def check_policy_overrides(policy_path: str, overrides: dict) -> None:
     for key, value in _flatten(dict(overrides)).items():
         if key not in schema:
             bad.append(f"policy_overrides.{key}: not a policy config key")
-        elif key not in SAMPLING_KEYS and saved.get(key) != value:
+        elif saved is not None and key not in SAMPLING_KEYS and saved.get(key) != value:
             bad.append(f"policy_overrides.{key}={value!r}: the policy was trained with {saved.get(key)!r}")
     if bad:
         raise ConfigError("; ".join(bad) + f" (policy_overrides may change only how the trained chain is sampled: "

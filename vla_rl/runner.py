@@ -8,7 +8,8 @@ Checkpoint layout (``<log_dir>/checkpoint``, written atomically; a crash leaves 
     checksums.json     sha256 of every file above (a corrupt file is a named CheckpointError on resume)
 
 Whether a run resumes is decided before any work (``vla_rl.resume``): an existing checkpoint is resumed
-only if it is whole and written by the same run, and is never overwritten by a run started from zero.
+only if it is whole and written by the same run, and is never overwritten by a run started from zero
+(``resume=False`` keeps it as ``checkpoint.before-<time>``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class RunnerConfig:
     seed: int = 0
     log_dir: str = "runs/rl"
     device: str = "cpu"
-    resume: bool = True  # continue from <log_dir>/checkpoint if present
+    resume: bool = True  # continue from <log_dir>/checkpoint if present (False: keep it aside, start fresh)
     group_size: int = 0  # >0: envs reset in groups with identical starts (GRPO), needs env.reset_group
     progress: bool = True
     # Stop with an error when more than half of the envs diverge (info["unstable"]) in this many iterations
