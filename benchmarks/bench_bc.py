@@ -140,6 +140,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="")
     p.add_argument("--out", default="runs/bench_bc")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the VLA already trained under --out/--name")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -149,6 +150,8 @@ def main():
     t0 = time.time()
     if a.policy == "mlp":
         model = train_mlp(data, a.steps, a.seed, language=not a.oracle)
+    elif a.eval_only:
+        model = VLAPolicy.from_pretrained(out / name)
     else:
         cfg = OmegaConf.merge(OmegaConf.structured(PretrainConfig(data=data, out=str(out / name), steps=a.steps,
                                                                   size="tiny", lr=1e-3, seed=a.seed, progress=False)),

@@ -39,11 +39,15 @@ class NoiseProcess:
         if cfg.std_floor < 0 or cfg.eta < 0 or cfg.init_scale < 0:
             raise ValueError("noise.std_floor, noise.eta and noise.init_scale must be >= 0")
         self.cfg = cfg
-        self.init_scale = cfg.init_scale  # std of x_K
         self.num_steps = cfg.sample_steps
         n_stoch = cfg.stochastic_steps or cfg.sample_steps
         # Indices (in 0..K-1) of the stochastic transitions: the last K' of the chain.
         self.stochastic_indices = list(range(cfg.sample_steps - n_stoch, cfg.sample_steps))
+
+    @property
+    def init_scale(self) -> float:
+        """Std of x_K (read from the config each time: a policy's sampling temperature may be changed live)."""
+        return self.cfg.init_scale
 
     def model_time(self, k: torch.Tensor) -> torch.Tensor:
         """Network time input in [0, 1] for chain step index k (long tensor)."""
@@ -152,8 +156,11 @@ class GaussianProcess(NoiseProcess):
         if cfg.sample_steps != 1:
             raise ValueError(f"noise.kind='gaussian' is a one-step chain: noise.sample_steps must be 1, got {cfg.sample_steps}")
         super().__init__(cfg)
-        self.init_scale = 0.0  # the head reads no noise
         self.log_std = log_std
+
+    @property
+    def init_scale(self) -> float:
+        return 0.0  # the head reads no noise
 
     def model_time(self, k):
         return torch.zeros(k.shape, device=k.device)
