@@ -216,16 +216,20 @@ def test_hello_must_arrive_in_time_and_be_small(runtime):
 
 
 def test_connection_cap(runtime):
+    import time
+
     srv = start_server_thread(runtime, token=TOKEN, max_connections=3, hello_timeout_s=30)
     try:
         first = PolicyClient(srv.url, TOKEN)
         idle = [_open(srv.url) for _ in range(2)]
+        for _ in range(100):  # the server takes a slot when its handler starts, just after the handshake
+            if srv.active_connections == 3:
+                break
+            time.sleep(0.05)
         with connect(srv.url) as extra:  # one too many: closed at once, "try again later"
             assert _closed_with(extra) == 1013
         assert first.act(obs())["status"] == "ok"  # those admitted are served
         idle.pop().close()
-        import time
-
         for _ in range(50):  # the slot frees when the server sees the close
             try:
                 with PolicyClient(srv.url, TOKEN) as again:
@@ -274,46 +278,74 @@ def _timed_acts(client, n):
     return np.array(out)
 
 
-def test_idle_connections_and_an_oversized_client_do_not_stall_a_good_client(runtime):
-    """100 connections that never say hello + one authenticated client sending ever new 1.5 MB instructions
-    (server defaults otherwise: 8 MB messages). Before the limits each such instruction was tokenized under
-    the shared lock (~0.3 s), so the good client's p99 grew ~100x. The 2x target is measured with more
-    requests by benchmarks/bench_server.py (BENCHMARKS.md); on a shared 2-core CI machine one p99 over a
-    few hundred requests swings more than 2x on its own, so this test allows 3x + 10 ms."""
-    import threading
+FLOOD = """
+import os, sys, time
+import numpy as np
+from vla_rl.deploy.protocol import pack
+from vla_rl.deploy.server import PolicyClient
+url, token, pause = sys.argv[1:4]
+text = "pick up the red cube " * 75_000  # ~1.5 MB
+with PolicyClient(url, token, timeout=60) as bad:
+    print("ready", flush=True)
+    for n in range(10**9):  # ever new text (no cache hit), as fast as replies come
+        if os.path.exists(pause):  # paused only once the last request was answered
+            print("paused", flush=True)
+            while os.path.exists(pause):
+                time.sleep(0.005)
+        bad.request_raw(pack({"type": "act", "observation": {"state": np.zeros(5, np.float32), "instruction": f"{n} {text}"}}))
+        print(n + 1, flush=True)
+"""
+
+
+def _pause(flood, flag) -> int:
+    """Pause the flooding client once its last request is answered; how many were answered meanwhile."""
+    flag.touch()
+    answered = 0
+    while (line := flood.stdout.readline().strip()) != "paused":
+        assert line, "the oversized client died"
+        answered += line.isdigit()
+    return answered
+
+
+def test_idle_connections_and_an_oversized_client_do_not_stall_a_good_client(runtime, tmp_path):
+    """100 connections that never say hello + one authenticated client (its own process, as a remote one
+    would be) sending ever new 1.5 MB instructions; server defaults otherwise (8 MB messages). Blocks of
+    the good client's requests alternate between the flood paused and running, so the drifting
+    load of other processes falls on both (paused: after the server answered its last request). Before the limits each such instruction was tokenized under
+    the shared lock (~0.3 s) and the good client's p99 grew ~150x (BENCHMARKS.md, bench_server.py).
+    Allowed: 2x the unloaded p99 + 3 ms, as one p99 over 300 requests on a shared 2-core machine jitters
+    by a few ms on its own."""
+    import os
+    import subprocess
+    import sys
     import time
 
-    srv = start_server_thread(runtime, token=TOKEN, max_connections=110, hello_timeout_s=60)
-    stop, sent, idle = threading.Event(), [], []
-
-    def flood():
-        text = "pick up the red cube " * 75_000  # ~1.5 MB
-        with PolicyClient(srv.url, TOKEN, timeout=30) as bad:
-            while not stop.is_set():
-                bad.request_raw(pack({"type": "act", "observation": {**obs(), "instruction": f"{len(sent)} {text}"}}))
-                sent.append(1)
-
     t_start = time.monotonic()
+    srv = start_server_thread(runtime, token=TOKEN, max_connections=110, hello_timeout_s=60)
+    idle, flood, unloaded, loaded, answered = [], None, [], [], 0
     try:
         with PolicyClient(srv.url, TOKEN) as good:
             _timed_acts(good, 30)  # warm-up
-            before = _timed_acts(good, 200)
             idle = [_open(srv.url) for _ in range(100)]
-            bad = threading.Thread(target=flood, daemon=True)
-            bad.start()
-            while not sent and time.monotonic() - t_start < 20:
-                time.sleep(0.01)
-            loaded = _timed_acts(good, 200)
-            stop.set()
-            bad.join(timeout=20)
-            after = _timed_acts(good, 200)
+            flag = tmp_path / "pause"
+            flood = subprocess.Popen([sys.executable, "-c", FLOOD, srv.url, TOKEN, str(flag)], stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            assert flood.stdout.readline().strip() == "ready"
+            for _ in range(6):
+                answered += _pause(flood, flag)
+                unloaded.append(_timed_acts(good, 50))
+                flag.unlink()
+                time.sleep(0.05)
+                loaded.append(_timed_acts(good, 50))
+            flood.kill()
+            answered += sum(w.isdigit() for w in flood.communicate(timeout=30)[0].split())
     finally:
-        stop.set()
+        if flood is not None and flood.poll() is None:
+            flood.kill()
         for ws in idle:
             ws.close()
         srv.stop()
-    unloaded_p99 = max(np.percentile(before, 99), np.percentile(after, 99))  # drift of the machine, both ways
-    loaded_p99 = np.percentile(loaded, 99)
-    assert sent, "the oversized client never got a reply"
-    assert loaded_p99 <= 3 * unloaded_p99 + 0.010, (loaded_p99, unloaded_p99, len(sent))
+    unloaded_p99, loaded_p99 = np.percentile(np.concatenate(unloaded), 99), np.percentile(np.concatenate(loaded), 99)
+    assert answered >= 3, f"the oversized client got only {answered} replies"
+    assert loaded_p99 <= 2 * unloaded_p99 + 0.003, (loaded_p99, unloaded_p99, answered[-1])
     assert time.monotonic() - t_start < 30

@@ -46,7 +46,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 DEFAULT_MAX_HELLO_BYTES = 16 << 10  # a hello is a few hundred bytes: token + session options
 DEFAULT_HELLO_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 32
-DEFAULT_ERROR_BACKOFF_S = 0.05
+DEFAULT_ERROR_BACKOFF_S = 0.1
 MAX_QUEUE = 2  # request/reply protocol: a deeper queue only holds more of a flooding client's data
 TOKEN_ENV = "VLA_RL_SERVE_TOKEN"
 
@@ -78,6 +78,8 @@ class PolicyServer:
         self.max_connections = int(max_connections)
         self.error_backoff_s = max(0.0, float(error_backoff_s))
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._count_lock = threading.Lock()
+        self.active_connections = 0  # connections holding a slot now (for monitoring and tests)
         self.session_defaults = dict(session_defaults or {})
         self.safety = safety
         self._server = _bind(self._handle, host, port, self.max_hello_bytes, self.hello_timeout_s)
@@ -113,6 +115,7 @@ class PolicyServer:
         if not self._slots.acquire(blocking=False):
             ws.close(1013, f"server at its connection limit ({self.max_connections}); try again later")
             return
+        self._count(+1)
         try:
             session = self._greet(ws)
             if session is not None:
@@ -120,7 +123,12 @@ class PolicyServer:
         except ConnectionClosed:
             pass
         finally:
+            self._count(-1)
             self._slots.release()
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self.active_connections += delta
 
     def _greet(self, ws):
         """Wait for an accepted hello (small messages only, within ``hello_timeout_s``); its session or None."""
