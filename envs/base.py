@@ -105,6 +105,11 @@ class BatchedEnv(abc.ABC):
         Gymnasium env that terminated without success). Built-in tasks never fail early."""
         return torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
 
+    def _truncated(self) -> torch.Tensor:
+        """Bool ``[N]``: envs whose own simulator ended the episode at its time limit (a wrapped Gymnasium
+        env's ``truncated``): reported as a truncation, like ours, not as a failure."""
+        return torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+
     def _shaped_reward(self) -> torch.Tensor | None:
         """Optional dense reward for ablations only; ``None`` means outcome-only (the default)."""
         return None
@@ -156,7 +161,8 @@ class BatchedEnv(abc.ABC):
             step_reward = succ_now.float() if shaped is None else shaped
             step_reward = torch.where(bad_now, torch.zeros_like(step_reward), step_reward)
             reward += torch.where(running, step_reward, torch.zeros_like(step_reward))
-            trunc_now = running & ~succ_now & (self.episode_step >= self.spec.max_episode_steps)
+            # The time limit: ours, or the wrapped simulator's own (e.g. a Gymnasium TimeLimit).
+            trunc_now = running & ~succ_now & ((self.episode_step >= self.spec.max_episode_steps) | self._truncated())
             # A diverged env is cut off as a truncation: its outcome is unknown, not a failure.
             trunc_now |= bad_now & ~succ_now
             fail_now = self._failed() & running & ~succ_now & ~trunc_now

@@ -1,4 +1,7 @@
-"""Typed env config mirroring :func:`vla_rl.envs.make_env` (validated by OmegaConf structured configs)."""
+"""Typed env config mirroring :func:`vla_rl.envs.make_env` (validated by OmegaConf structured configs).
+
+``task`` is an env spec (``vla_rl.envs.registry``): a task name, ``gym:<id>`` or ``module:factory``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,26 @@ from typing import Any, Optional
 
 from .base import EnvError
 from .randomization import RandomizationConfig
+
+
+@dataclass
+class GymConfig:
+    """Options of the Gymnasium adapter for ``task: gym:<id>`` (see :class:`~vla_rl.envs.gym_adapter.GymnasiumBatchedEnv`)."""
+
+    success_key: Optional[str] = None  # the info key of the success flag; None: look for is_success, success
+    instruction: Any = ""  # one instruction for every env, or a list with one per env
+    instruction_fn: str = ""  # "module:function" of the env's reset info -> instruction (multi-task suites)
+    control_hz: float = 10.0
+    action_hold: list[Any] = field(default_factory=list)  # "zero" | "last" | a number, one or one per action dim
+    obs_map: dict[str, Any] = field(default_factory=dict)  # obs key -> key of the env's Dict observation
+
+    @staticmethod
+    def from_dict(d: dict) -> "GymConfig":
+        names = {f.name for f in dataclasses.fields(GymConfig)}
+        for key in d:
+            if key not in names:
+                raise EnvError(f"unknown gym config key {key!r}; valid keys: {sorted(names)}")
+        return GymConfig(**d)
 
 
 @dataclass
@@ -23,6 +46,7 @@ class EnvConfig:
     max_episode_steps: Optional[int] = None
     workers: int = 1  # > 1: CPU envs in that many parallel processes (make_env)
     task_kwargs: dict[str, Any] = field(default_factory=dict)
+    gym: GymConfig = field(default_factory=GymConfig)  # the adapter's options, for task: gym:<id>
 
     @staticmethod
     def from_dict(d: dict) -> "EnvConfig":
@@ -33,4 +57,6 @@ class EnvConfig:
         d = dict(d)
         if d.get("randomization") is not None and not isinstance(d["randomization"], RandomizationConfig):
             d["randomization"] = RandomizationConfig.from_dict(dict(d["randomization"]))
+        if isinstance(d.get("gym"), dict):
+            d["gym"] = GymConfig.from_dict(dict(d["gym"]))
         return EnvConfig(**d)

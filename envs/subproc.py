@@ -43,12 +43,12 @@ def _to_torch(x, device):
     return x
 
 
-def _worker(conn, task: str, num_envs: int, kwargs: dict) -> None:
+def _worker(conn, task, num_envs: int, kwargs: dict) -> None:
     torch.set_num_threads(1)  # one core per shard; the parent owns the policy's threads
     try:
         from . import make_env
 
-        env = make_env(task, num_envs, **kwargs)
+        env = make_env(task, num_envs, **kwargs) if isinstance(task, str) else task(num_envs, **kwargs)
         conn.send(("ok", env.spec))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", (e, traceback.format_exc())))
@@ -100,9 +100,12 @@ def _worker_error(i: int, exc: BaseException, tb: str) -> BaseException:
 
 
 class SubprocEnv:
-    """``num_envs`` envs of a built-in task in ``workers`` processes (see the module docstring)."""
+    """``num_envs`` envs in ``workers`` processes (see the module docstring). ``task``: an env spec
+    (``make_env(task, n, **kwargs)`` in each worker) or a picklable builder ``task(n, seed=..., **kwargs)``;
+    ``per_shard``: extra keyword arguments for each shard (e.g. its slice of per-env instructions)."""
 
-    def __init__(self, task: str, num_envs: int, workers: int, device="cpu", seed: int | None = None, **kwargs):
+    def __init__(self, task, num_envs: int, workers: int, device="cpu", seed: int | None = None,
+                 per_shard: list[dict] | None = None, **kwargs):
         if workers < 2:
             raise EnvError(f"SubprocEnv needs workers >= 2, got {workers} (use make_env(workers=1) for one process)")
         if num_envs < workers:
@@ -114,7 +117,9 @@ class SubprocEnv:
         self._conns, self._procs = [], []
         for i, n in enumerate(self.shard_sizes):
             parent, child = ctx.Pipe()
-            shard_kwargs = {**kwargs, "backend": "cpu", "seed": self._shard_seed(seed, i)}
+            shard_kwargs = {**kwargs, **(per_shard[i] if per_shard else {}), "seed": self._shard_seed(seed, i)}
+            if isinstance(task, str):
+                shard_kwargs["backend"] = "cpu"
             p = ctx.Process(target=_worker, args=(child, task, n, shard_kwargs), daemon=True,
                             name=f"vla_rl-env-shard{i}")
             p.start()

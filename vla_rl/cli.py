@@ -2,6 +2,7 @@
 
     vla-rl demo                                   the whole story, small, on CPU MuJoCo
     vla-rl collect --task place --episodes 50 --out demos/place
+    vla-rl collect --task gym:MyEnv-v0 --expert my_pkg.experts:make --out demos/mine gym.success_key=success
     vla-rl pretrain --data demos/place --out runs/pretrained [key=value ...]
     vla-rl train configs/train/place_dppo.yaml [key=value ...]
     vla-rl eval --policy runs/place_dppo/checkpoint/policy --task place [--split heldout]
@@ -35,10 +36,14 @@ def _pretrain(args) -> None:
 
 def _collect(args) -> None:
     from .collect import collect_demos
+    from .envs import EnvConfig
 
-    result = collect_demos(args.task, args.episodes, args.out, num_envs=args.num_envs, noise=args.noise,
-                           label=args.label, seed=args.seed, cameras=tuple(args.cameras), image_size=tuple(args.image_size),
-                           keep_failed=args.keep_failed)
+    env_cfg = load_config(EnvConfig, args.env_config or [], [f"task={args.task}", *args.overrides])
+    if args.cameras:
+        env_cfg.cameras, env_cfg.image_size = list(args.cameras), list(args.image_size)
+    check_values(env_cfg)
+    result = collect_demos(env_cfg, args.episodes, args.out, num_envs=args.num_envs, noise=args.noise,
+                           label=args.label, seed=args.seed, keep_failed=args.keep_failed, expert=args.expert)
     print(f"wrote {result['written']} episodes to {result['path']} "
           f"(expert success {result['success_rate']:.1%} over {result['attempted']} attempts)")
 
@@ -165,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("collect", help="record scripted-expert demonstrations")
-    p.add_argument("--task", required=True)
+    env_help = "env spec: a task name (built-in or registered), gym:<id>, or module:factory"
+    p = sub.add_parser("collect", help="record expert demonstrations (the built-in scripted experts or your own)")
+    p.add_argument("--task", required=True, help=env_help)
+    p.add_argument("--expert", help="module:factory of an expert: factory(env) -> callable obs -> action "
+                                    "(default: the built-in task's scripted expert)")
+    p.add_argument("--env-config", action="append", help="YAML env config (schema vla_rl.envs.EnvConfig)")
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--out", required=True, help="directory (or .hdf5 file) to write")
     p.add_argument("--num-envs", type=int, default=16)
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", nargs="*", default=[])
     p.add_argument("--image-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     p.add_argument("--keep-failed", action="store_true", help="also write episodes the expert failed")
+    p.add_argument("overrides", nargs="*", help="env config key=value overrides, e.g. gym.success_key=success")
     p.set_defaults(func=_collect)
 
     p = sub.add_parser("pretrain", help="behaviour cloning of a diffusion/flow VLA policy on demos")
@@ -193,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="success rate (95%% CI) of a policy or an exported bundle, per randomization factor")
     p.add_argument("--policy", help="policy directory (save_pretrained / a run's checkpoint/policy)")
     p.add_argument("--bundle", help="exported bundle directory: evaluates the torch-free runtime in the loop")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help=env_help)
     p.add_argument("--episodes", type=int, default=64)
     p.add_argument("--num-envs", type=int, default=16)
     p.add_argument("--split", choices=["train", "heldout"], help="randomization split (needs randomization on)")

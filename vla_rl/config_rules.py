@@ -7,12 +7,14 @@ message names the full key (``runner.iterations``, ``dppo.num_minibatches``).
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vla_rl.algos import DPPOConfig, DSRLConfig, RWRConfig
-from vla_rl.config import ConfigError, between, check_values, device, ge, gt, one_of, register_rules, sizes
-from vla_rl.envs import EnvConfig
+from vla_rl.config import ConfigError, Rule, between, check_values, device, ge, gt, one_of, register_rules, sizes
+from vla_rl.envs import EnvConfig, EnvError, GymConfig, env_spec_kind
 from vla_rl.policy.config import DIT_SIZES, DiTConfig, MLPHeadConfig, NoiseActorConfig, NoiseConfig, PolicyConfig
 from vla_rl.pretrain import PretrainConfig
 from vla_rl.runner import RunnerConfig, TrainConfig
@@ -69,7 +71,31 @@ register_rules(PretrainConfig, steps=pos, batch_size=pos, lr=pos, weight_decay=g
                lr_schedule=one_of("constant", "cosine"), ema_decay=prob, grad_clip=pos, device=device(),
                log_every=pos, save_every=pos, size=one_of("", *DIT_SIZES))
 
-register_rules(EnvConfig, num_envs=pos, device=device(), image_size=sizes(), max_episode_steps=pos, workers=ge(1))
+def _env_spec(c: EnvConfig):
+    try:
+        env_spec_kind(c.task)
+    except EnvError as e:
+        return "task", str(e)
+    if not str(c.task).startswith("gym:") and c.gym != GymConfig():
+        return "gym", f"the Gymnasium adapter's options apply only to task: gym:<id>, not {c.task!r}"
+    return None
+
+
+def _instruction_ok(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v))
+
+
+def _hold_ok(v) -> bool:
+    return all(x in ("zero", "last") or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v)
+
+
+register_rules(EnvConfig, num_envs=pos, device=device(), image_size=sizes(), max_episode_steps=pos, workers=ge(1),
+               checks=(_env_spec,))
+register_rules(GymConfig, control_hz=pos,
+               instruction=Rule(_instruction_ok, "a string, or a non-empty list of strings (one per env)"),
+               instruction_fn=Rule(lambda v: v == "" or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", v) is not None,
+                                   "'' or a 'module:function' import path"),
+               action_hold=Rule(_hold_ok, "a list of 'zero' | 'last' | numbers (one, or one per action dim)"))
 
 # Keys of the train config's free-form `env:` section that the runner sets itself.
 _RUNNER_OWNED = {"num_envs": "runner.num_envs", "device": "runner.device"}
@@ -98,6 +124,9 @@ def _train_env(c: TrainConfig):
             return f"env.{key}", f"set {owner} instead (the runner passes it to the env)"
     if env.get("task", "toy") == "toy" and set(env) - _TOY_KEYS:
         return f"env.{sorted(set(env) - _TOY_KEYS)[0]}", f"the toy task takes only {sorted(_TOY_KEYS)}"
+    if env.get("task", "toy") == "toy":
+        typed_env_config({k: v for k, v in env.items() if k != "task"})  # the runner's own toy env
+        return None
     typed_env_config(env)
     return None
 

@@ -35,7 +35,8 @@ def _demo_policy() -> PolicyConfig:
 
 @dataclass
 class DemoConfig:
-    task: str = "place"
+    task: str = "place"  # an env spec: a task name, gym:<id> or module:factory
+    expert: str = ""  # module:factory of the demo expert (default: the built-in task's scripted expert)
     out: str = "runs/demo"
     seed: int = 0
     demos: int = 150  # few demonstrations: the pretrained policy is decent, not perfect
@@ -62,7 +63,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print(f"{stamp()} 1/4 collecting {cfg.demos} expert demos of '{cfg.task}'")
     demos = collect_demos(cfg.task, cfg.demos, out / "demos", num_envs=min(16, cfg.demos), noise=cfg.demo_noise,
-                          seed=cfg.seed)
+                          seed=cfg.seed, expert=cfg.expert or None)
     print(f"{stamp()}     {demos['written']} episodes, expert success {demos['success_rate']:.0%}")
 
     print(f"{stamp()} 2/4 behaviour cloning ({cfg.pretrain_steps} steps, {cfg.policy.head} action head)")

@@ -457,27 +457,31 @@ def _env_spec(env, source):
         env = _run_task(Path(source))
     if env is None:
         return None, None
-    if not isinstance(env, str):
+    if not isinstance(env, (str, dict)):
         return env, (env.extra or {}).get("task", "custom")
-    from .envs import make_env
+    from .envs import make_env, make_env_from_config
 
-    built = make_env(env, 1)  # one env: cheap, and the spec is the backend's own
+    if isinstance(env, dict):  # a training run's env config (a gym:<id> env's adapter options included)
+        built, env = make_env_from_config({**env, "num_envs": 1, "workers": 1}), env["task"]
+    else:
+        built = make_env(env, 1)  # one env: cheap, and the spec is the backend's own
     try:
         return built.spec, env
     finally:
         built.close()
 
 
-def _run_task(policy_dir: Path) -> str | None:
+def _run_task(policy_dir: Path) -> str | dict | None:
     """The task of the run that saved ``policy_dir``: its ``state.json`` (the runner's checkpoint) holds
     the run config. A pretraining checkpoint has none: None."""
     for state in (policy_dir / "state.json", policy_dir.parent / "state.json"):
         try:
-            task = json.loads(state.read_text())["config"]["env"]["task"]
+            env = json.loads(state.read_text())["config"]["env"]
+            task = env["task"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(task, str):
-            return task
+            return env if len(env) > 1 else task
     return None
 
 

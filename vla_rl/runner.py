@@ -84,8 +84,8 @@ def _default_env_factory(env_cfg: dict, num_envs: int, device: str):
     if task == "toy":
         from vla_rl.envs.toy import ToyGoalEnv
         return ToyGoalEnv(num_envs, device=device, **env_cfg)
-    from vla_rl.envs import make_env  # built by the envs engineer
-    return make_env(task, num_envs, device=device, **env_cfg)
+    from vla_rl.envs import make_env_from_config  # task: a built-in name, gym:<id> or module:factory
+    return make_env_from_config({**env_cfg, "task": task, "num_envs": num_envs, "device": device})
 
 
 class Runner:
