@@ -46,7 +46,7 @@ class GymnasiumBatchedEnv(BatchedEnv):
 
     def __init__(
         self,
-        env_fn: Callable[[], gym.Env] | str,
+        env_fn: Callable[[], gym.Env] | str | gym.envs.registration.EnvSpec,
         num_envs: int,
         success_key: str | None = None,
         obs_map: dict[str, str | None] | None = None,
@@ -59,7 +59,7 @@ class GymnasiumBatchedEnv(BatchedEnv):
         success_check_episodes: int | None = None,
         env_kwargs: dict | None = None,
     ):
-        if isinstance(env_fn, str):
+        if isinstance(env_fn, (str, gym.envs.registration.EnvSpec)):
             env_id, kwargs = env_fn, dict(env_kwargs or {})
             env_fn = lambda: _gym_make(env_id, kwargs)  # noqa: E731
         elif env_kwargs:
@@ -251,7 +251,8 @@ def _gym_make(env_id: str, kwargs: dict) -> gym.Env:
     try:
         return gym.make(env_id, **kwargs)
     except gym.error.Error as e:
-        raise EnvError(f"gym:{env_id}: {e}; a gym:<id> env must be registered with gymnasium.register "
+        name = env_id if isinstance(env_id, str) else env_id.id
+        raise EnvError(f"gym:{name}: {e}; a gym:<id> env must be registered with gymnasium.register "
                        "(or given as gym:<module>:<id>, which imports the module first)") from e
 
 
@@ -272,6 +273,12 @@ def make_gym_env(env: str | Callable[[], gym.Env], num_envs: int, workers: int =
 
     from .subproc import SubprocEnv
 
+    if isinstance(env, str):  # registered in this process maybe only: the workers get the id's EnvSpec
+        try:
+            env = gym.spec(env)
+        except gym.error.Error as e:
+            raise EnvError(f"gym:{env}: {e}; a gym:<id> env must be registered with gymnasium.register "
+                           "(or given as gym:<module>:<id>, which imports the module first)") from e
     per_shard = None
     if not isinstance(instruction, str) and not callable(instruction):
         instruction = list(instruction)

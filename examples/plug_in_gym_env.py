@@ -80,7 +80,8 @@ def main(out: str, tiny: bool = False) -> dict:
     policy = ["policy.language_encoder=hash", "policy.head=mlp", "policy.horizon=4", "policy.exec_steps=2",
               "policy.noise.sample_steps=6"]
     if tiny:
-        policy += ["policy.mlp_head.hidden=32", "policy.critic_hidden=[32]"]
+        policy += ["policy.mlp_head.hidden=32", "policy.critic_hidden=[32]", "policy.fusion_layers=0",
+                   "policy.dit.d_model=32", "policy.dit.n_heads=4", "policy.dit.n_layers=1"]
 
     def run(*argv):
         status = vla_rl([str(a) for a in argv])
