@@ -9,6 +9,9 @@ if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "egl"
 
 from .base import BatchedEnv, EnvError, EnvSpec
+from .mujoco_install import warn_if_broken as _warn_if_broken
+
+_warn_if_broken()  # mujoco 4's split distributions half-replaced by a pinned 3.x: print the fix
 from .config import EnvConfig, GymConfig
 from .registry import ENTRY_POINT_GROUP, env_spec_kind, register, registered, unregister
 from .randomization import RandomizationConfig

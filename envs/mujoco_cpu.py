@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import copy
 
-import mujoco
 import numpy as np
 import torch
 
 from . import randomization as rnd
 from .base import BatchedEnv, EnvError, EnvSpec, Obs
+from .mujoco_install import import_mujoco
 from .tasks import Task, TaskState, task_observation
 from .tasks.scene import COLORS, FINGER_MAX, FINGER_PAD, NUM_TABLE_TEXTURES, TIMESTEP
+
+mujoco = import_mujoco()  # a half-downgraded install is named with its one-line fix
 
 CONTROL_HZ = 10.0
 MAX_DELTA = 0.03  # metres per control step at |action| = 1
