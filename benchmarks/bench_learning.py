@@ -41,6 +41,8 @@ NOISE = {"stochastic_steps": 5, "std_floor": 0.1}
 # RWR regresses on its own samples: an exploration floor above the sampler's std would be learned back
 # and compound (algos/rwr.py), so RWR samples with a small floor, i.e. from the model's own distribution.
 RWR_NOISE = {"stochastic_steps": 5, "std_floor": 0.01}
+# The Gaussian control (noise.kind=gaussian): its one step is the whole "chain"; its std is learned.
+GAUSSIAN_NOISE = {"stochastic_steps": 0, "std_floor": 0.05}
 
 
 def dppo_config(**kw) -> DPPOConfig:
@@ -52,12 +54,18 @@ def dppo_config(**kw) -> DPPOConfig:
     return DPPOConfig(**base)
 
 
+def load_policy(pol_dir, algo: str, noise_overrides=None) -> VLAPolicy:
+    kind = OmegaConf.load(Path(pol_dir) / "config.yaml").noise.kind
+    noise = GAUSSIAN_NOISE if kind == "gaussian" else RWR_NOISE if algo == "rwr" else NOISE
+    return VLAPolicy.from_pretrained(pol_dir, noise={**noise, **(noise_overrides or {})})
+
+
 def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eval_episodes, threads,
            eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1, noise_overrides=None,
            dsrl_overrides=None, minutes=0.0, tag=""):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    policy = VLAPolicy.from_pretrained(pol_dir, noise={**(RWR_NOISE if algo == "rwr" else NOISE), **(noise_overrides or {})})
+    policy = load_policy(pol_dir, algo, noise_overrides)
     per_iter = num_envs * steps_per_iter * policy.cfg.exec_steps
     iters = max(1, budget // per_iter)
     cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": 3e-5 if lr is None else lr, **(dppo_overrides or {})}),
@@ -209,7 +217,7 @@ def cmd_run(a):
         res = sb3_run(a.task, a.budget, a.seed, a.eval_episodes, a.threads)
     elif a.algo == "pretrained":
         torch.set_num_threads(a.threads)
-        policy = VLAPolicy.from_pretrained(a.pretrained, noise={**NOISE, **_overrides(a.noise)})
+        policy = load_policy(a.pretrained, "dppo", _overrides(a.noise))
         ev = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, seed=a.seed + 100)
         det = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, deterministic=True,
                        seed=a.seed + 100)
@@ -257,20 +265,23 @@ def cmd_report(a):
     rows = {}
     for f in sorted(out.glob("result_*.json")):
         r = json.loads(f.read_text())
-        rows.setdefault(r["algo"], []).append(r)
+        rows.setdefault(r["algo"] + r.get("variant", ""), []).append(r)  # a --tag makes its own row
     names = {"pretrained": "BC pretrained (few demos)", "dppo": "DPPO fine-tune", "rwr": "RWR fine-tune",
              "dsrl": "DSRL (noise steering)", "sb3": "SB3 PPO, Gaussian MLP from scratch"}
-    lines = ["| method | env steps | seeds | success median | min-max | per seed | deterministic per seed | wall (train) |",
+    order = ("pretrained", "dppo", "rwr", "dsrl", "sb3")
+    keys = sorted(rows, key=lambda k: (order.index(rows[k][0]["algo"]), k))
+    name = lambda k: names[rows[k][0]["algo"]] + (f" [{rows[k][0]['variant']}]" if rows[k][0].get("variant") else "")  # noqa: E731
+    lines = ["| method | env steps | seeds | success median | min-max | per seed [95% CI] | deterministic per seed | wall (train) |",
              "|---|---|---|---|---|---|---|---|"]
-    for k in ("pretrained", "dppo", "rwr", "dsrl", "sb3"):
-        if k not in rows:
-            continue
+    for k in keys:
         rs = sorted(rows[k], key=lambda r: r["seed"])
         s = [r["success"] for r in rs]
         wall = ", ".join(f"{r.get('train_time_s', 0) / 60:.1f} min" for r in rs)
         det = ", ".join(f"{r['success_deterministic']:.2f}" if "success_deterministic" in r else "-" for r in rs)
-        lines.append(f"| {names[k]} | {rs[0]['env_steps']} | {len(rs)} | {statistics.median(s):.2f} | "
-                     f"{min(s):.2f}-{max(s):.2f} | {', '.join(f'{x:.2f}' for x in s)} | {det} | {wall} |")
+        per = ", ".join(f"{r['success']:.2f}" + (f" [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if "ci95" in r else "")
+                        for r in rs)
+        lines.append(f"| {name(k)} | {max(r['env_steps'] for r in rs)} | {len(rs)} | {statistics.median(s):.2f} | "
+                     f"{min(s):.2f}-{max(s):.2f} | {per} | {det} | {wall} |")
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")
@@ -278,9 +289,9 @@ def cmd_report(a):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = {"dppo": "C0", "rwr": "C1", "sb3": "C2", "dsrl": "C3"}
-    for k in ("dppo", "rwr", "dsrl", "sb3"):
-        for j, r in enumerate(rows.get(k, [])):
+    colors = {k: f"C{i}" for i, k in enumerate(k for k in keys if not k.startswith("pretrained"))}
+    for k in colors:
+        for j, r in enumerate(rows[k]):
             c = r["curve"]
             if not c:
                 continue
@@ -288,8 +299,8 @@ def cmd_report(a):
             # training minutes of each point: recorded (4th entry), else at the run's mean speed
             mins = [(e[3] if len(e) > 3 else e[0] / max(r["env_steps"], 1) * r.get("train_time_s", 0)) / 60 for e in c]
             for ax, x in zip(axes, (xs, mins)):
-                ax.plot(x, ys, color=colors[k], alpha=0.8, label=f"{names[k]}" if j == 0 else None)
-    for r in rows.get("pretrained", []):
+                ax.plot(x, ys, color=colors[k], alpha=0.8, label=name(k) if j == 0 else None)
+    for r in (r for k in keys if k.startswith("pretrained") for r in rows[k]):
         for ax in axes:
             ax.axhline(r["success"], color="gray", ls="--", lw=1, label="BC pretrained (eval)" if r["seed"] == 0 else None)
     axes[0].set_xlabel("env steps (10 Hz control steps)")

@@ -25,9 +25,10 @@ from .runner import RunnerConfig, TrainConfig, train
 
 def _demo_policy() -> PolicyConfig:
     # The BC recipe measured best on `place` (configs/pretrain/default.yaml): MLP action head, learned
-    # word-hash language, chunks of 4 executed whole.
+    # word-hash language, chunks of 4 executed whole, rectified flow (reads the instruction at any demo count).
     cfg = PolicyConfig(horizon=4, exec_steps=4, language_encoder="hash", head="mlp")
     cfg.mlp_head.hidden = 512
+    cfg.noise.kind = "flow"
     cfg.noise.sample_steps = 10
     cfg.noise.std_floor = 0.1
     return cfg
