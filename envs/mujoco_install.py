@@ -8,16 +8,25 @@ installed distributions' metadata (cheap, without importing mujoco) and names th
 from __future__ import annotations
 
 import warnings
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution
 
 SPLIT_PARTS = ("mujoco-core", "mujoco-studio")  # what mujoco >= 4 is split into, beside "mujoco" itself
 
 
-def _version(name: str) -> str | None:
+def _dist(name: str):
     try:
-        return version(name)
+        return distribution(name)
     except PackageNotFoundError:
         return None
+
+
+def _version(name: str) -> str | None:
+    d = _dist(name)
+    return None if d is None else d.version
+
+
+def _root(d) -> str:
+    return str(d.locate_file(""))
 
 
 def fix_command(main: str, parts: dict[str, str]) -> str:
@@ -30,8 +39,13 @@ def fix_command(main: str, parts: dict[str, str]) -> str:
 
 def install_problem() -> str | None:
     """A one-paragraph diagnosis ending in the fix when ``mujoco`` and its 4.x parts disagree, else None."""
-    main = _version("mujoco")
-    parts = {name: v for name in SPLIT_PARTS if (v := _version(name)) is not None}
+    main_dist = _dist("mujoco")
+    if main_dist is None:
+        return None
+    main = main_dist.version
+    # only parts installed into the same directory share (and clobber) its mujoco/ package
+    parts = {name: d.version for name in SPLIT_PARTS
+             if (d := _dist(name)) is not None and _root(d) == _root(main_dist)}
     if main is None or not parts or all(v == main for v in parts.values()):
         return None
     found = ", ".join(f"{name} {v}" for name, v in sorted(parts.items()))

@@ -15,20 +15,25 @@ def _half_downgraded(tmp_path, monkeypatch, version="3.3.0"):
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
         'raise ImportError("libmujoco.so.4.0.0: cannot open shared object file: No such file or directory")\n')
-    info = tmp_path / f"mujoco-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mujoco\nVersion: {version}\n")
+    for name, v in (("mujoco", version), ("mujoco_core", "4.0.0"), ("mujoco_studio", "4.0.0")):
+        info = tmp_path / f"{name}-{v}.dist-info"  # the pinned 3.x beside the 4.x parts it did not replace
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {v}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "mujoco", raising=False)
 
 
-def test_consistent_install_has_no_problem():
+def test_consistent_install_has_no_problem(tmp_path, monkeypatch):
     assert mujoco_install.install_problem() is None  # this venv: mujoco and its parts at one version
+    # a whole mujoco 3.x in another directory first on the path (no 4.x parts beside it) is not broken
+    info = tmp_path / "mujoco-3.3.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mujoco\nVersion: 3.3.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert mujoco_install.install_problem() is None
 
 
 def test_half_downgraded_import_names_the_fix(tmp_path, monkeypatch):
-    if mujoco_install._version("mujoco-core") is None:
-        pytest.skip("mujoco < 4 here: no split distributions to leave behind")
     _half_downgraded(tmp_path, monkeypatch)
     problem = mujoco_install.install_problem()
     assert "mujoco 3.3.0" in problem and "mujoco-core" in problem
