@@ -189,8 +189,8 @@ def make_custom(spec: str, num_envs: int, backend: str = "cpu", gym=None, arm: b
     for key, value in named.items():
         if not _is_set(key, value):
             continue
-        if key == "workers" and "workers" not in params and not takes_any:
-            continue  # sharded below
+        if key == "workers" and "workers" not in params:
+            continue  # sharded below (only a factory that names `workers` shards itself)
         if key in params or takes_any:
             kwargs[key] = value
         else:
@@ -202,7 +202,7 @@ def make_custom(spec: str, num_envs: int, backend: str = "cpu", gym=None, arm: b
 
         shard = {k: v for k, v in kwargs.items() if k not in ("device", "seed")}
         return SubprocEnv(spec, num_envs, workers, device=named.get("device", "cpu"), seed=named.get("seed"),
-                          builder_kwargs=shard)
+                          **shard)
     try:
         env = factory(num_envs=num_envs, **kwargs)
     except TypeError as e:

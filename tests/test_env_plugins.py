@@ -232,3 +232,15 @@ def test_worked_example_full_cli_workflow(tmp_path):
     assert {ep["instruction"] for ep in demos} == {"reach the left target", "reach the right target"}
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert "zero" in json.dumps(manifest)
+
+
+@pytest.mark.timeout(120)
+def test_module_factory_sharded_into_workers():
+    """A module:factory without a `workers` argument: workers=2 builds each shard from the spec in its process."""
+    env = make_env("plugin_envs:make_line", 4, seed=0, workers=2, speed=1.0)
+    try:
+        assert type(env).__name__ == "SubprocEnv" and env.reset(seed=0)["state"].shape == (4, 2)
+        _, _, term, _, info = env.step(torch.ones(4, 2, 1))
+        assert term.all() and info["success"].all()  # speed=1.0 reached the shards: two steps past x = 1
+    finally:
+        env.close()
