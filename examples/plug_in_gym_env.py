@@ -77,11 +77,12 @@ def main(out: str, tiny: bool = False) -> dict:
            "gym.action_hold=[zero]"]  # velocity commands: holding still is a zero action
     s = dict(episodes=8, envs=4, steps=20, iters=1, eval=8) if tiny else dict(episodes=200, envs=16, steps=1500,
                                                                              iters=15, eval=64)
+    # a state-based task: no image tokens to fuse, a small MLP action head
     policy = ["policy.language_encoder=hash", "policy.head=mlp", "policy.horizon=4", "policy.exec_steps=2",
-              "policy.noise.sample_steps=6"]
+              "policy.noise.sample_steps=6", "policy.fusion_layers=0", "policy.mlp_head.hidden=256"]
     if tiny:
-        policy += ["policy.mlp_head.hidden=32", "policy.critic_hidden=[32]", "policy.fusion_layers=0",
-                   "policy.dit.d_model=32", "policy.dit.n_heads=4", "policy.dit.n_layers=1"]
+        policy += ["policy.mlp_head.hidden=32", "policy.critic_hidden=[32]", "policy.dit.d_model=32",
+                   "policy.dit.n_heads=4", "policy.dit.n_layers=1"]
 
     def run(*argv):
         status = vla_rl([str(a) for a in argv])
