@@ -73,7 +73,7 @@ def main(out: str, tiny: bool = False) -> dict:
 
     out = Path(out)
     module = __name__  # "__main__" when run as a script: import paths resolve in this process
-    env = [f"gym.instruction_fn={module}:instruction_of", "gym.success_key=success", "gym.control_hz=10",
+    env = [f"gym.instruction_fn={module}:instruction_of", "gym.success_key=success", "gym.control_hz=20",
            "gym.action_hold=[zero]"]  # velocity commands: holding still is a zero action
     s = dict(episodes=8, envs=4, steps=20, iters=1, eval=8) if tiny else dict(episodes=200, envs=16, steps=1500,
                                                                              iters=15, eval=64)
@@ -97,7 +97,7 @@ def main(out: str, tiny: bool = False) -> dict:
         f"policy_path: {out / 'pretrained'}\n"
         f"policy_overrides: {{noise: {{stochastic_steps: 3}}}}\n"
         f"env:\n  task: gym:{ENV_ID}\n  gym:\n    instruction_fn: {module}:instruction_of\n"
-        f"    success_key: success\n    control_hz: 10\n    action_hold: [zero]\n"
+        f"    success_key: success\n    control_hz: 20\n    action_hold: [zero]\n"
         f"algo: dppo\nrunner:\n  iterations: {s['iters']}\n  num_envs: {s['envs'] * 2}\n  steps_per_iter: 8\n"
         f"  eval_every: 0\n  log_dir: {out / 'dppo'}\n  resume: false\n  progress: false\n")
     run("train", out / "train.yaml")

@@ -184,7 +184,7 @@ def export_bundle(
     *,
     denoising_steps: int | None = None,
     exec_steps: int | None = None,
-    control_hz: float = 10.0,
+    control_hz: float | None = None,
     action_bounds: tuple | None = None,
     max_delta=None,
     hold=None,
@@ -240,7 +240,7 @@ def export_bundle(
     exec_steps = int(exec_steps or cfg.exec_steps)
     if not 1 <= exec_steps <= H:
         raise ValueError(f"exec_steps must be in [1, horizon={H}], got {exec_steps}")
-    if not control_hz > 0:
+    if control_hz is not None and not control_hz > 0:
         raise ValueError(f"control_hz must be > 0, got {control_hz}")
     for names, dim, what in ((state_names, S, "state_names"), (action_names, A, "action_names")):
         if names is not None and len(names) != dim:
@@ -248,6 +248,8 @@ def export_bundle(
 
     norm = {k: v.tolist() for k, v in policy.normalizer.state_dict().items()}
     space = action_space(A, env, source, action_bounds, norm, hold, hold_action, action_names)
+    env_hz = space.pop("control_hz")
+    control_hz = float(control_hz if control_hz is not None else env_hz or 10.0)  # default: the env's rate
     max_delta = _vector(max_delta, A, "max_delta")
     if max_delta is not None and min(max_delta) <= 0:
         raise ValueError("max_delta must be > 0")
@@ -419,7 +421,8 @@ def action_space(dim: int, env, source, bounds, norm: dict, hold, hold_action, n
                          f"{e}") from None
     names = list(names) if names else (list(spec.action_names) if spec is not None and spec.action_names else None)
     return {"low": low, "high": high, "bounds_source": bounds_source, "hold": rules, "hold_source": hold_source,
-            "control": (spec.action_control or None) if spec is not None else None, "task": task, "names": names}
+            "control": (spec.action_control or None) if spec is not None else None, "task": task, "names": names,
+            "control_hz": spec.control_hz if spec is not None else None}
 
 
 def _hold_rules(dim: int, hold, hold_action, spec, task) -> tuple[list, str]:

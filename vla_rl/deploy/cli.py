@@ -14,10 +14,12 @@ def add_export_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--denoising-steps", type=int, default=None, help="K (default: the policy's noise.sample_steps)")
     parser.add_argument("--exec-steps", type=int, default=None, help="actions executed per chunk (default: the policy's)")
-    parser.add_argument("--control-hz", type=float, default=10.0)
+    parser.add_argument("--control-hz", type=float, default=None,
+                        help="control rate in the manifest (default: the task's, else 10)")
     parser.add_argument("--task", default=None,
-                        help="built-in task the policy acts in: its action space gives the default bounds and the hold "
-                             "(default: the task of the training run that wrote the checkpoint)")
+                        help="env spec of the task the policy acts in (a task name, gym:<id> or module:factory): its "
+                             "action space gives the default bounds, the hold and the control rate "
+                             "(default: the env of the training run that wrote the checkpoint)")
     parser.add_argument("--action-low", type=float, nargs="+", default=None,
                         help="safety bounds (scalar or per dim; default: the task's action space, else the demo range)")
     parser.add_argument("--action-high", type=float, nargs="+", default=None)
