@@ -12,6 +12,7 @@ the fine-tuned policy near the pretrained one's support without needing the demo
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from vla_rl.policy.vla import Chain
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +56,12 @@ class DPPOConfig:
     # default lr the measured approx KL on `place` is 0.008-0.02 per minibatch (BENCHMARKS.md), while the
     # runs that lost success at lr 1e-4 / 3e-4 went to 0.05-0.5. The Gaussian PPO control uses 0.03 too.
     target_kl: float = 0.03
+    # A hard limit: a minibatch whose approx KL exceeds it (measured before its step, so after the steps
+    # before it) reverts the whole update -- the actor's weights and optimizer state go back to where the
+    # update started -- and is logged (train/kl_reverted). The early stop above cannot undo the step that
+    # made the KL jump; on a new third-party task default DPPO produced minibatch KL spikes of 0.95-1.65 and
+    # lost 19 points of success (issue 15), where the healthy range on `place` is 0.008-0.02. 0 = off.
+    kl_revert: float = 0.3
     norm_adv: bool = True
     # Divide rewards by the running std of discounted returns. Off by default: with outcome-only {0, 1}
     # rewards that std follows the success rate (tiny near 0% and 100%), so the critic's targets are
@@ -214,6 +223,16 @@ class DPPO:
         return compute_gae(rewards, c["value"], c["next_value"], no_bootstrap, dones,
                            self.cfg.gamma, self.cfg.gae_lambda)
 
+    def _actor_state(self) -> tuple[list[torch.Tensor], dict]:
+        return [p.detach().clone() for p in self.actor_params], copy.deepcopy(self.actor_opt.state_dict())
+
+    @torch.no_grad()
+    def _restore_actor_state(self, state) -> None:
+        params, opt_state = state
+        for p, saved in zip(self.actor_params, params):
+            p.copy_(saved)
+        self.actor_opt.load_state_dict(opt_state)
+
     # ------------------------------------------------------------------ the loss, top to bottom
     def clip_coefs(self, n: int, device) -> torch.Tensor:
         """Clip coefficient of each of the n fine-tuned transitions (first to last)."""
@@ -299,7 +318,8 @@ class DPPO:
         # Critic warm-up only means something with a critic (the group advantage has none).
         critic_only = self.uses_critic and self.iteration < cfg.n_critic_warmup_itr
         logs = {"policy_loss": [], "value_loss": [], "bc_loss": [], "approx_kl": [], "clip_frac": []}
-        stop = False
+        start_state = self._actor_state() if cfg.kl_revert > 0 and not critic_only else None
+        stop, reverted = False, False
         for _epoch in range(cfg.update_epochs):
             perm = torch.randperm(n)
             for start in range(0, n, mb):
@@ -321,6 +341,12 @@ class DPPO:
                 for k, v in (("policy_loss", pg.item()), ("value_loss", vl.item()), ("bc_loss", bc.item()),
                              ("approx_kl", st["approx_kl"]), ("clip_frac", st["clip_frac"])):
                     logs[k].append(v)
+                if start_state is not None and st["approx_kl"] > cfg.kl_revert:
+                    self._restore_actor_state(start_state)
+                    log.warning("DPPO iteration %d: minibatch approx KL %.3f > dppo.kl_revert=%.3f; the update was "
+                                "reverted", self.iteration, st["approx_kl"], cfg.kl_revert)
+                    stop = reverted = True
+                    break
                 if cfg.target_kl > 0 and st["approx_kl"] > cfg.target_kl:
                     stop = True
                     break
@@ -328,6 +354,7 @@ class DPPO:
                 break
         self.iteration += 1
         out = {k: sum(v) / max(len(v), 1) for k, v in logs.items()}
+        out["kl_reverted"] = float(reverted)
         if self.uses_critic:
             y, p = flat["ret"], flat["value"]
             var_y = y.var()

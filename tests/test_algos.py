@@ -298,3 +298,32 @@ def test_early_steps_stay_frozen_through_an_update(tmp_path, train_encoders):
         after = policy.sample(obs, noise=noise)
     assert not torch.equal(before.actions, after.actions)  # the fine-tuned steps did move
     assert torch.equal(before.latents[:, 0], after.latents[:, 0]) != train_encoders
+
+
+def test_an_update_whose_kl_jumps_past_the_hard_limit_is_reverted():
+    """dppo.kl_revert: a minibatch KL above it puts the actor's weights and optimizer state back where the
+    update started (a huge lr makes the second minibatch's KL explode); off, the same update moves them."""
+    from vla_rl.rollout import RolloutBuffer
+
+    def run(kl_revert):
+        torch.manual_seed(0)
+        pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+        algo = DPPO(pol, DPPOConfig(actor_lr=1.0, max_grad_norm=100.0, target_kl=0.0, kl_revert=kl_revert,
+                                    n_critic_warmup_itr=0, critic_clock=False, num_minibatches=4, update_epochs=1))
+        obs, _ = toy_demos(32, 4)
+        buf = RolloutBuffer(1, 32)
+        with torch.no_grad():
+            chain = pol.sample(obs, generator=torch.Generator().manual_seed(0))
+        buf.add(obs, chain, torch.randn(32), torch.ones(32, dtype=torch.bool), torch.zeros(32), torch.zeros(32),
+                torch.zeros(32))
+        buf.finalize()
+        before = [p.detach().clone() for p in algo.actor_params]
+        stats = algo.update(buf)
+        same = all(torch.equal(a, p) for a, p in zip(before, algo.actor_params))
+        return stats, same, algo
+
+    stats, same, algo = run(kl_revert=0.3)
+    assert stats["kl_reverted"] == 1.0 and same
+    assert all(not s for s in algo.actor_opt.state.values())  # Adam's moments back to the (empty) start
+    stats, same, _ = run(kl_revert=0.0)
+    assert stats["kl_reverted"] == 0.0 and not same and stats["approx_kl"] > 0.3

@@ -47,7 +47,7 @@ def test_gaussian_ppo_through_the_runner_learns_the_toy_task(tmp_path):
     pre = evaluate(policy, ToyGoalEnv(256), 512, seed=1)["success_rate"]
     std0 = policy.action_log_std.detach().clone()
     cfg = TrainConfig(algo="dppo",
-                      dppo=DPPOConfig(train_encoders=True, actor_lr=1e-3, critic_lr=3e-3, update_epochs=10,
+                      dppo=DPPOConfig(train_encoders=True, actor_lr=1e-3, critic_lr=3e-3, update_epochs=10, kl_revert=0.0,
                                       num_minibatches=1, clip_ploss_coef=0.2, clip_ploss_coef_base=0.2),
                       runner=RunnerConfig(iterations=45, num_envs=128, steps_per_iter=1, eval_every=0,
                                           checkpoint_every=0, seed=0, log_dir=str(tmp_path / "run"), progress=False))

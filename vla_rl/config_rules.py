@@ -29,7 +29,7 @@ register_rules(RunnerConfig, iterations=pos, num_envs=pos, steps_per_iter=pos, e
 register_rules(DPPOConfig, gamma=prob, gae_lambda=prob, gamma_denoising=prob, clip_ploss_coef=pos,
                clip_ploss_coef_base=pos, clip_ploss_coef_rate=ge(0), logprob=one_of("joint", "mean_executed"),
                clip_vloss_coef=ge(0), vf_coef=ge(0), ent_coef=ge(0), update_epochs=pos, num_minibatches=pos,
-               actor_lr=lr, critic_lr=lr, max_grad_norm=pos, target_kl=ge(0), reward_scale_const=pos,
+               actor_lr=lr, critic_lr=lr, max_grad_norm=pos, target_kl=ge(0), kl_revert=ge(0), reward_scale_const=pos,
                n_critic_warmup_itr=ge(0), bc_coef=ge(0), advantage=one_of("gae", "group"))
 register_rules(RWRConfig, beta=ge(0), max_weight=pos, gamma=prob, min_episodes=pos, update_epochs=pos, num_minibatches=pos, lr=lr,
                max_grad_norm=pos, demo_coef=ge(0))
