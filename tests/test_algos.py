@@ -264,7 +264,8 @@ def test_train_encoders_false_moves_only_the_action_head(tmp_path):
 
     policy = pretrain_toy(steps=50, seed=0)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=False, actor_lr=1e-2, update_epochs=1),
+    # lr 1e-2 so that every trained tensor visibly moves; its KL would trip the revert guard, so that is off.
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=False, actor_lr=1e-2, update_epochs=1, kl_revert=0.0),
                       runner=RunnerConfig(iterations=2, num_envs=16, steps_per_iter=1, eval_every=0, checkpoint_every=0,
                                           log_dir=str(tmp_path / "run"), progress=False))
     Runner(cfg, policy=policy, env=ToyGoalEnv(16, seed=0)).train()
@@ -285,7 +286,7 @@ def test_early_steps_stay_frozen_through_an_update(tmp_path, train_encoders):
     from toy_utils import pretrain_toy
 
     policy = pretrain_toy(steps=50, seed=0, stochastic_steps=2)  # K = 5: steps 0-2 deterministic
-    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=train_encoders, actor_lr=1e-2, update_epochs=2),
+    cfg = TrainConfig(algo="dppo", dppo=DPPOConfig(train_encoders=train_encoders, actor_lr=1e-2, update_epochs=2, kl_revert=0.0),
                       runner=RunnerConfig(iterations=1, num_envs=16, steps_per_iter=2, eval_every=0, checkpoint_every=0,
                                           log_dir=str(tmp_path / "run"), progress=False))
     runner = Runner(cfg, policy=policy, env=ToyGoalEnv(16, seed=0))
