@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import traceback
 from pathlib import Path
 
@@ -131,38 +130,6 @@ def mark(ckpt: Path):
     write_checksums(ckpt)
 
 
-CRASH = textwrap.dedent("""
-    import os, shutil, sys
-    from pathlib import Path
-    from vla_rl import checkpoint as ck
-    path, step = Path(sys.argv[1]), sys.argv[2]
-    n = {"replace": 0}
-    real_replace, real_rmtree = os.replace, shutil.rmtree
-    def replace(a, b):
-        n["replace"] += 1
-        if step == "before the old checkpoint goes aside" and n["replace"] == 1:
-            os._exit(9)
-        real_replace(a, b)
-        if (step == "between the two renames" and n["replace"] == 1) or (
-                step == "after the new one is in, before cleanup" and n["replace"] == 2):
-            os._exit(9)
-    def rmtree(p, ignore_errors=False):
-        if step == "halfway through deleting the old copy" and ".old-" in str(p):
-            next(f for f in Path(p).rglob("*") if f.is_file()).unlink()
-            os._exit(9)
-        real_rmtree(p, ignore_errors=ignore_errors)
-    def write(tmp):  # a newer checkpoint: the same files, iteration 3
-        real_rmtree(tmp)
-        shutil.copytree(path, tmp)
-        (tmp / "checksums.json").unlink()
-        state = __import__("json").loads((tmp / "state.json").read_text())
-        state["iteration"] = 3
-        (tmp / "state.json").write_text(__import__("json").dumps(state))
-        if step == "while writing the new checkpoint":
-            os._exit(9)
-    os.replace, shutil.rmtree = replace, rmtree
-    ck.write_dir_atomically(path, write, checksums=True)
-""")
 
 
 def flip(f: Path):
@@ -188,12 +155,14 @@ def checkpoint_cases(tmp: Path, policy_dir: Path, good_run: Path):
         return run
 
     # resumable faults: the run must continue from iteration 2, not restart
-    for step in ["while writing the new checkpoint", "before the old checkpoint goes aside", "between the two renames",
-                 "after the new one is in, before cleanup", "halfway through deleting the old copy"]:
+    steps = {"during_write": "while writing the new checkpoint", "before_aside": "before the old checkpoint goes aside",
+             "after_aside": "between the two renames", "after_swap": "after the new one is in, before cleanup",
+             "during_cleanup": "halfway through deleting the old copy"}
+    for key, step in steps.items():
         run = fresh(f"crash-{len(RESULTS)}")
         mark(run / "checkpoint")
-        proc = subprocess.run([sys.executable, "-c", CRASH, str(run / "checkpoint"), step], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "vla_rl.faults", str(run / "checkpoint"), key, "--copy-iteration", "3"],
+                              cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 9, proc.stderr
         rc, out, err, escaped = cli(["train", train_yaml(tmp, policy_dir, run, iters=4)])
         it, steps = state_iteration(run), state_iteration(run, "env_steps")

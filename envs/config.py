@@ -13,6 +13,13 @@ from .base import EnvError
 from .randomization import RandomizationConfig
 
 
+def _check_keys(cls, d: dict, what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in names:
+            raise EnvError(f"unknown {what} key {key!r}; valid keys: {sorted(names)}")
+
+
 @dataclass
 class GymConfig:
     """Options of the Gymnasium adapter for ``task: gym:<id>`` (see :class:`~vla_rl.envs.gym_adapter.GymnasiumBatchedEnv`)."""
@@ -26,10 +33,7 @@ class GymConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "GymConfig":
-        names = {f.name for f in dataclasses.fields(GymConfig)}
-        for key in d:
-            if key not in names:
-                raise EnvError(f"unknown gym config key {key!r}; valid keys: {sorted(names)}")
+        _check_keys(GymConfig, d, "gym config")
         return GymConfig(**d)
 
 
@@ -50,10 +54,7 @@ class EnvConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "EnvConfig":
-        names = {f.name for f in dataclasses.fields(EnvConfig)}
-        for key in d:
-            if key not in names:
-                raise EnvError(f"unknown env config key {key!r}; valid keys: {sorted(names)}")
+        _check_keys(EnvConfig, d, "env config")
         d = dict(d)
         if d.get("randomization") is not None and not isinstance(d["randomization"], RandomizationConfig):
             d["randomization"] = RandomizationConfig.from_dict(dict(d["randomization"]))

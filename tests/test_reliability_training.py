@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from vla_rl.cli import main
 from vla_rl.config import ConfigError
 from vla_rl.envs.toy import ToyGoalEnv
 from vla_rl.evaluate import evaluate
+from vla_rl.faults import STEPS
 from vla_rl.policy import VLAPolicy
 from vla_rl.runner import Runner, RunnerConfig, TrainConfig, train
 from vla_rl.train_monitor import EpisodeOutcomes, TrainingDiverged
@@ -61,39 +61,6 @@ def _snapshot(d: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------- the checkpoint swap
-CRASH = textwrap.dedent("""
-    import os, shutil, sys
-    from pathlib import Path
-    from vla_rl import checkpoint as ck
-
-    path, step = Path(sys.argv[1]), sys.argv[2]
-    n = {"replace": 0}
-    real_replace, real_rmtree = os.replace, shutil.rmtree
-
-    def replace(a, b):
-        n["replace"] += 1
-        if step == "before_aside" and n["replace"] == 1:
-            os._exit(9)
-        real_replace(a, b)
-        if (step == "after_aside" and n["replace"] == 1) or (step == "after_swap" and n["replace"] == 2):
-            os._exit(9)
-
-    def rmtree(p, ignore_errors=False):
-        if step == "during_cleanup" and ".old-" in str(p):
-            next(f for f in Path(p).rglob("*") if f.is_file()).unlink()  # half deleted, then the crash
-            os._exit(9)
-        real_rmtree(p, ignore_errors=ignore_errors)
-
-    def write(tmp):
-        (tmp / "sub").mkdir()
-        (tmp / "sub" / "w.bin").write_bytes(b"v2" * 1000)
-        (tmp / "state.json").write_text('{"v": 2}')
-        if step == "during_write":
-            os._exit(9)
-
-    os.replace, shutil.rmtree = replace, rmtree
-    ck.write_dir_atomically(path, write, checksums=True)
-""")
 
 
 def _write_v1(tmp):
@@ -102,11 +69,12 @@ def _write_v1(tmp):
     (tmp / "state.json").write_text('{"v": 1}')
 
 
-@pytest.mark.parametrize("step", ["during_write", "before_aside", "after_aside", "after_swap", "during_cleanup"])
+@pytest.mark.parametrize("step", STEPS)
 def test_a_crash_at_any_step_of_the_swap_leaves_a_whole_checkpoint(tmp_path, step):
     path = tmp_path / "checkpoint"
     write_dir_atomically(path, _write_v1, checksums=True)
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(path), step], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "vla_rl.faults", str(path), step], cwd=ROOT, capture_output=True,
+                          text=True)
     assert proc.returncode == 9, proc.stderr
     recover_dir(path)  # what the next load or save does first
     verify_checksums(path)  # whole: every file there and intact
