@@ -68,7 +68,7 @@ def make_expert(env):
     return act
 
 
-def main(out: str, tiny: bool = False) -> dict:
+def main(out: str, tiny: bool = False, seed: int = 0) -> dict:
     from vla_rl.cli import main as vla_rl
 
     out = Path(out)
@@ -90,16 +90,16 @@ def main(out: str, tiny: bool = False) -> dict:
             raise SystemExit(f"vla-rl {argv[0]} failed with status {status}")
 
     run("collect", "--task", f"gym:{ENV_ID}", "--expert", f"{module}:make_expert", "--episodes", s["episodes"],
-        "--num-envs", s["envs"], "--noise", 0.2, "--out", out / "demos", *env)
+        "--num-envs", s["envs"], "--noise", 0.2, "--seed", seed, "--out", out / "demos", *env)
     run("pretrain", "--data", out / "demos", "--out", out / "pretrained", f"steps={s['steps']}", "batch_size=64",
-        "progress=false", *policy)
+        "progress=false", f"seed={seed}", *policy)
     (out / "train.yaml").write_text(
         f"policy_path: {out / 'pretrained'}\n"
         f"policy_overrides: {{noise: {{stochastic_steps: 3}}}}\n"
         f"env:\n  task: gym:{ENV_ID}\n  gym:\n    instruction_fn: {module}:instruction_of\n"
         f"    success_key: success\n    control_hz: 20\n    action_hold: [zero]\n"
         f"algo: dppo\nrunner:\n  iterations: {s['iters']}\n  num_envs: {s['envs'] * 2}\n  steps_per_iter: 8\n"
-        f"  eval_every: 0\n  log_dir: {out / 'dppo'}\n  resume: false\n  progress: false\n")
+        f"  eval_every: 0\n  seed: {seed}\n  log_dir: {out / 'dppo'}\n  resume: false\n  progress: false\n")
     run("train", out / "train.yaml")
     policy_dir = out / "dppo" / "checkpoint" / "policy"
     for name, src in (("pretrained", out / "pretrained"), ("dppo", policy_dir)):
@@ -117,8 +117,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/reach2d")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: checks the wiring, learns nothing")
+    parser.add_argument("--seed", type=int, default=0, help="demos, BC and RL seed (the evaluation episodes stay fixed)")
     args = parser.parse_args()
-    results = main(args.out, args.tiny)
+    results = main(args.out, args.tiny, args.seed)
     for name, r in results.items():
         print(f"{name:10s} success {r['success_rate']:.1%} over {r['num_episodes']} episodes")
     sys.exit(0)
