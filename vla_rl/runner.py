@@ -173,9 +173,10 @@ class Runner:
 
     def _record_episodes(self, info: dict, done: torch.Tensor, ep: dict) -> int:
         """Append the outcome, return and length of the episodes that ended; returns control steps executed."""
-        self.outcomes.record(done, info["success"].cpu())
+        success = info["success"].cpu()
+        self.outcomes.record(done, success)
         self.divergence.record(info, done)
-        ep["success"] += info["success"].cpu()[done].float().tolist()
+        ep["success"] += success[done].float().tolist()
         ep["return"] += info["episode_return"].cpu()[done].tolist()
         ep["length"] += info["episode_length"].cpu()[done].float().tolist()
         return int(info["steps_executed"].sum())
