@@ -49,6 +49,27 @@ class ExportError(RuntimeError):
     """Export failed, e.g. the exported graph does not reproduce the PyTorch policy."""
 
 
+class ExportRefused(ExportError, ValueError):
+    """The policy cannot be exported to a torch-free bundle at all (the message says why and what to do)."""
+
+
+def refuse_vlm(policy: VLAPolicy, source) -> None:
+    """A transformers VLM backbone has no ONNX bundle: say exactly why and point at the served fallback."""
+    vlm = getattr(policy, "vlm", None)
+    if vlm is None:
+        return
+    where = source or "<policy directory>"
+    raise ExportRefused(
+        f"cannot export {where} to a torch-free bundle: its observation backbone is a transformers VLM "
+        f"({vlm.model_type} from {vlm.directory}, mode {policy.cfg.vlm.mode}). Its inputs are prepared outside "
+        "torch by the checkpoint's own image processor (numpy/PIL resize, rescale and patchify of every camera) "
+        "and tokenizer (the prompt with the family's image placeholder tokens), which the bundle format has no "
+        "graph for, and the bundle's runtime feeds a language embedding the VLM does not take; a bundle without "
+        "them would not reproduce the policy, so none is written. Serve the torch policy behind the same "
+        f"protocol instead (the robot's client does not change): vla-rl serve {where} --task <task> "
+        "(or --hold zero|last per action dim)")
+
+
 class PolicyGraph(nn.Module):
     """``forward(state, language, noise[, rgb]) -> actions``: ``VLAPolicy.sample`` with explicit noise.
 
@@ -224,6 +245,7 @@ def export_bundle(
     else:
         source = str(policy_or_checkpoint_dir)
         policy = VLAPolicy.from_pretrained(policy_or_checkpoint_dir)
+    refuse_vlm(policy, source)
     cfg = policy.cfg
     A, S, H = cfg.action_dim, cfg.state_dim, cfg.horizon
 

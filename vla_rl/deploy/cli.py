@@ -37,7 +37,13 @@ def add_export_arguments(parser) -> None:
 
 
 def add_serve_arguments(parser) -> None:
-    parser.add_argument("bundle", help="bundle directory written by `vla-rl export`")
+    parser.add_argument("bundle", help="bundle directory written by `vla-rl export`, or a policy directory "
+                                       "(save_pretrained) to serve with torch, e.g. one with a VLM backbone")
+    parser.add_argument("--task", default=None, help="policy directory only: the task whose action space gives the "
+                                                     "bounds, hold and control rate (default: the training run's)")
+    parser.add_argument("--hold", type=hold_rule, nargs="+", default=None,
+                        help="policy directory only: zero|last|number per action dim (default: the task's)")
+    parser.add_argument("--device", default="cpu", help="policy directory only: torch device of the policy")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token", default=None,

@@ -337,6 +337,10 @@ class PolicyClient:
 
 
 # ---------------------------------------------------------------------- CLI hooks
+def _one(v):
+    return None if v is None else (v[0] if len(v) == 1 else v)
+
+
 def serve_main(args) -> None:
     import os
     import sys
@@ -347,7 +351,17 @@ def serve_main(args) -> None:
               "instead", file=sys.stderr, flush=True)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     _check_limits(args.port, args.max_message_bytes, args.max_hello_bytes, args.hello_timeout, args.max_connections)
-    runtime = PolicyRuntime.load(Path(args.bundle), max_instruction_chars=args.max_instruction_chars)
+    path = Path(args.bundle)
+    if not (path / "manifest.json").exists() and (path / "config.yaml").exists():
+        # A policy directory (e.g. one with a VLM backbone, which has no bundle): serve the torch policy
+        # behind the same protocol; this needs torch and the training stack installed.
+        from .torch_runtime import TorchPolicyRuntime
+
+        runtime = TorchPolicyRuntime.load(path, task=getattr(args, "task", None),
+                                          hold=_one(getattr(args, "hold", None)), device=getattr(args, "device", "cpu"),
+                                          max_instruction_chars=args.max_instruction_chars)
+    else:
+        runtime = PolicyRuntime.load(path, max_instruction_chars=args.max_instruction_chars)
     serve(runtime, args.host, args.port, token, max_message_bytes=args.max_message_bytes,
           session_defaults={"mode": args.mode, "noise": args.noise, "seed": args.seed},
           max_hello_bytes=args.max_hello_bytes, hello_timeout_s=args.hello_timeout, max_connections=args.max_connections)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .vlm_backbone import VLMConfig
+
 
 @dataclass
 class NoiseConfig:
@@ -79,6 +81,12 @@ class PolicyConfig:
     language_encoder: str = "auto"  # "minilm" (frozen pretrained), "hash" (learned word-hash embedding), "auto"
     language_dim: int = 64  # width of the learned "hash" embedding
     language_buckets: int = 4096
+    # The observation backbone: "builtin" (the conv image encoder + language encoder above) or "transformers"
+    # (a vision-language model loaded from the local directory vlm.path reads every camera and the
+    # instruction; see vla_rl/policy/vlm_backbone.py). The proprio state stays its own token either way, and
+    # the critic keeps the language encoder above (it never runs the VLM).
+    backbone: str = "builtin"
+    vlm: VLMConfig = field(default_factory=VLMConfig)
     # Observation trunk: transformer layers over the [state, language, camera] tokens before the action
     # head reads them, so the instruction can select what matters in the state and images (which object,
     # which container), as the VLM backbone of a VLA fuses them. 0 = the encoders' tokens as they are.

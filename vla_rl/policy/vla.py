@@ -26,12 +26,14 @@ from ..checkpoint import CheckpointError, read_json, require_files, write_dir_at
 from .config import PolicyConfig
 from .dit import DiTActionHead, MLPActionHead
 from .encoders import ImageEncoder, LanguageEncoder, mlp
+from .vlm_backbone import VLMBackbone, revision_hash
 from .noise_actor import NoiseActor
 from .noise import make_noise_process
 from .normalizer import Normalizer
 
 CONFIG_FILE, WEIGHTS_FILE, NORM_FILE, META_FILE = "config.yaml", "model.safetensors", "normalization.json", "meta.json"
 FORMAT_VERSION = 1
+VLM_DIR = "backbone"  # a copied VLM backbone inside a policy directory
 
 
 class ObservationError(ValueError):
@@ -92,8 +94,17 @@ class VLAPolicy(nn.Module):
         self.cfg = cfg
         d = cfg.dit.d_model
         self.normalizer = Normalizer(cfg.action_dim, cfg.state_dim)
-        self.images = ImageEncoder(len(cfg.cameras), cfg.image_channels, cfg.image_tokens, d) if cfg.cameras else None
-        self.language_proj = nn.Linear(self.language.out_dim, d)
+        if cfg.backbone not in ("builtin", "transformers"):
+            raise ValueError(f"policy.backbone must be 'builtin' or 'transformers', got {cfg.backbone!r}")
+        self.vlm = None
+        if cfg.backbone == "transformers":  # the VLM reads the cameras and the instruction (vlm_backbone.py)
+            if not cfg.cameras:
+                raise ValueError("policy.backbone=transformers runs a vision-language model over the camera images: "
+                                 "policy.cameras is empty")
+            self.vlm = VLMBackbone(cfg.vlm, len(cfg.cameras), d, cfg.dit.n_heads)
+        self.images = (ImageEncoder(len(cfg.cameras), cfg.image_channels, cfg.image_tokens, d)
+                       if cfg.cameras and self.vlm is None else None)
+        self.language_proj = nn.Linear(self.language.out_dim, d) if self.vlm is None else None
         self.state_proj = mlp([cfg.state_dim, d, d])
         self.fusion = None
         if cfg.fusion_layers > 0:
@@ -110,9 +121,26 @@ class VLAPolicy(nn.Module):
                                if cfg.noise.kind == "gaussian" else None)
         self.noise = make_noise_process(cfg.noise, self.action_log_std)
         self.noise_actor = self._make_noise_actor() if cfg.noise_actor.enabled else None
+        if self.vlm is not None:
+            self.print_parameter_counts()
+
+    def print_parameter_counts(self) -> dict:
+        """Print (and return) total and trainable parameter counts of the actor (VLM, projector, head)."""
+        frozen = self.vlm.frozen_parameters() if self.vlm is not None else set()
+        actor = [p for p in self.actor_parameters(include_frozen=True)]
+        counts = {"total": sum(p.numel() for p in actor),
+                  "trainable": sum(p.numel() for p in actor if id(p) not in frozen),
+                  **(self.vlm.parameter_counts() if self.vlm is not None else {})}
+        if self.vlm is not None:
+            print(f"policy: {counts['total']:,} actor parameters, {counts['trainable']:,} trainable "
+                  f"(VLM {self.vlm.model_type} from {self.vlm.directory}, mode {self.cfg.vlm.mode}: "
+                  f"{counts['vlm_trainable']:,} of {counts['vlm_total']:,} VLM parameters trainable)", flush=True)
+        return counts
 
     @property
     def num_cond_tokens(self) -> int:
+        if self.vlm is not None:
+            return 1 + self.cfg.vlm.tokens  # state, the VLM's pooled tokens
         return 2 + (len(self.cfg.cameras) * self.cfg.image_tokens if self.cfg.cameras else 0)  # state, language, cameras
 
     def _make_noise_actor(self) -> NoiseActor:
@@ -187,6 +215,8 @@ class VLAPolicy(nn.Module):
         self.check_obs(obs)
         device = self.device
         state = self.normalizer.normalize_state(obs["state"].to(device, torch.float32))
+        if self.vlm is not None:  # one VLM pass per observation batch, reused by every denoising step
+            return self.fuse([self.state_proj(state)[:, None], self.vlm(obs["rgb"].to(device), list(obs["instruction"]))])
         tokens = [self.state_proj(state)[:, None], self.language_proj(self.language(list(obs["instruction"])))[:, None]]
         if self.images is not None:
             tokens.append(self.images(obs["rgb"].to(device)))
@@ -339,8 +369,12 @@ class VLAPolicy(nn.Module):
         """What fine-tuning the action head alone trains: the head (and the Gaussian control's std)."""
         return list(self.head.parameters()) + ([self.action_log_std] if self.action_log_std is not None else [])
 
-    def actor_parameters(self):
-        return [p for name, p in self.named_parameters() if not name.startswith(("critic.", "early_head.", "noise_actor."))]
+    def actor_parameters(self, include_frozen: bool = False):
+        """The actor's parameters, without the VLM weights its mode keeps fixed (frozen: all; LoRA: the base
+        weights), so no optimizer or requires_grad switch ever reaches them."""
+        frozen = self.vlm.frozen_parameters() if self.vlm is not None and not include_frozen else set()
+        return [p for name, p in self.named_parameters()
+                if not name.startswith(("critic.", "early_head.", "noise_actor.")) and id(p) not in frozen]
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path, extra: dict | None = None) -> Path:
@@ -348,9 +382,22 @@ class VLAPolicy(nn.Module):
         from .. import __version__
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        cfg, copy_vlm = self.cfg, False
+        if self.vlm is not None:
+            # The VLM's pretrained weights stay out of model.safetensors (only LoRA adapters, projector and
+            # head go in): the backbone is referenced by absolute path + revision hash, or copied into
+            # backbone/ (always for mode=full, whose VLM weights are the fine-tuned ones).
+            base = {"vlm." + k for k in self.vlm.base_state_keys()}
+            state = {k: v for k, v in state.items() if k not in base}
+            cfg = copy.deepcopy(self.cfg)
+            copy_vlm = cfg.vlm.mode == "full" or cfg.vlm.copy
+            cfg.vlm.path = VLM_DIR if copy_vlm else str(self.vlm.directory.resolve())
 
         def write(tmp: Path):
-            OmegaConf.save(OmegaConf.structured(self.cfg), tmp / CONFIG_FILE)
+            if copy_vlm:
+                self.vlm.save_backbone(tmp / VLM_DIR)
+                cfg.vlm.revision = revision_hash(tmp / VLM_DIR)
+            OmegaConf.save(OmegaConf.structured(cfg), tmp / CONFIG_FILE)
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / NORM_FILE).write_text(json.dumps(self.normalizer.to_dict(), indent=1))
             meta = {"format_version": FORMAT_VERSION, "vla_rl_version": __version__, **(extra or {})}
@@ -370,6 +417,8 @@ class VLAPolicy(nn.Module):
             cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(path / CONFIG_FILE), overrides)
         except Exception as e:  # omegaconf raises several types; all mean a bad config file
             raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+        if cfg.backbone == "transformers" and cfg.vlm.path and not Path(cfg.vlm.path).is_absolute():
+            cfg.vlm.path = str(path / cfg.vlm.path)  # a backbone copied into the policy directory
         policy = cls(cfg)
         try:
             weights = load_file(str(path / WEIGHTS_FILE))
@@ -379,6 +428,9 @@ class VLAPolicy(nn.Module):
             missing, unexpected = policy.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # shape mismatch, e.g. an action_dim that differs from the checkpoint
             raise CheckpointError(f"{path}: weights do not match the config: {e}") from e
+        if policy.vlm is not None:  # the VLM's pretrained weights came from its own directory
+            base = {"vlm." + k for k in policy.vlm.base_state_keys()}
+            missing = [k for k in missing if k not in base]
         if missing or unexpected:
             raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return policy.to(device)
