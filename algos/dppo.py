@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vla_rl import distributed
 from vla_rl.policy.vla import Chain
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class RunningMeanStd:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
     def update(self, x: torch.Tensor):
-        m, v, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        m, v, n = distributed.moments(x)  # over every rank's returns (x.mean(), x.var(), numel for one process)
         d, tot = m - self.mean, self.count + n
         self.mean += d * n / tot
         self.var = (self.var * self.count + v * n + d * d * self.count * n / tot) / tot
@@ -202,6 +203,7 @@ class DPPO:
             p.requires_grad_(id(p) in trained)
         self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=cfg.critic_lr)
+        self._trained_params = list(self.actor_params) + list(policy.critic.parameters())
         self.reward_scaler = RunningRewardScaler(cfg.gamma)
         self.iteration = 0
 
@@ -271,8 +273,9 @@ class DPPO:
         logratio = new_logp - old_logp
         ratio = logratio.exp()
         # 2) advantage normalization, shared by all K' transitions of a decision
-        if cfg.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        if cfg.norm_adv and adv.numel() * distributed.world_size() > 1:
+            mean, std = distributed.mean_std(adv)  # the global minibatch's (all ranks'); adv.mean(), adv.std() alone
+            adv = (adv - mean) / (std + 1e-8)
         adv = adv[:, None]
         # 3) clipped surrogate with a per-denoising-step clip coefficient
         clip = self.clip_coefs(n_steps, ratio.device)[None]
@@ -332,14 +335,18 @@ class DPPO:
                 self.actor_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 total.backward()
+                distributed.average_gradients(self._trained_params)  # ranks: the global minibatch's gradient
                 nn.utils.clip_grad_norm_(self.actor_params, cfg.max_grad_norm)
                 nn.utils.clip_grad_norm_(self.policy.critic.parameters(), cfg.max_grad_norm)
                 if not critic_only:
                     self.actor_opt.step()
                 if self.uses_critic:
                     self.critic_opt.step()
-                for k, v in (("policy_loss", pg.item()), ("value_loss", vl.item()), ("bc_loss", bc.item()),
-                             ("approx_kl", st["approx_kl"]), ("clip_frac", st["clip_frac"])):
+                # Averaged over ranks (equal minibatches: the global minibatch's values), so that every rank takes
+                # the same early-stop / revert decision below and the logs describe the whole batch.
+                vals = distributed.all_mean([pg.item(), vl.item(), bc.item(), st["approx_kl"], st["clip_frac"]])
+                st = {**st, "approx_kl": vals[3], "clip_frac": vals[4]}
+                for k, v in zip(("policy_loss", "value_loss", "bc_loss", "approx_kl", "clip_frac"), vals):
                     logs[k].append(v)
                 if start_state is not None and st["approx_kl"] > cfg.kl_revert:
                     self._restore_actor_state(start_state)
@@ -357,8 +364,11 @@ class DPPO:
         out["kl_reverted"] = float(reverted)
         if self.uses_critic:
             y, p = flat["ret"], flat["value"]
-            var_y = y.var()
-            out["explained_variance"] = float("nan") if var_y == 0 else (1 - (y - p).var() / var_y).item()
+            if distributed.enabled():
+                out["explained_variance"] = distributed.explained_variance(y, p)
+            else:
+                var_y = y.var()
+                out["explained_variance"] = float("nan") if var_y == 0 else (1 - (y - p).var() / var_y).item()
         out["early_stop"] = float(stop)
         return out
 

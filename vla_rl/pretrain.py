@@ -18,7 +18,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from .config import check_values
+from . import distributed
+from .config import ConfigError, check_values
 from .data import DemoDataset, load_episodes
 from .policy import DIT_SIZES, PolicyConfig, VLAPolicy
 
@@ -77,10 +78,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if not cfg.data:
         raise ValueError("pretrain needs data= (a demo directory or .hdf5 file)")
     schedule = lr_factor(cfg)  # a bad schedule name fails before any data is read
+    ctx = distributed.setup(cfg.device)  # several ranks under torchrun; nothing for one process
+    world, main = ctx.world_size, ctx.is_main
+    device = ctx.device(cfg.device)
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world}): "
+                          f"it is the global batch, each rank takes batch_size / {world} of it")
     torch.manual_seed(cfg.seed)
     episodes = load_episodes(cfg.data, only_success=cfg.only_success)
     dataset = DemoDataset(episodes, horizon=cfg.policy.horizon, use_rgb=bool(cfg.policy.cameras))
-    policy = build_policy_for_data(cfg, dataset).to(cfg.device)
+    policy = build_policy_for_data(cfg, dataset).to(device)
+    distributed.broadcast_module(policy)  # every rank starts from rank 0's weights (as DDP does)
     ema = copy.deepcopy(policy).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -92,41 +100,67 @@ def pretrain(cfg: PretrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = Path(cfg.out)
-    writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb"))
-    bar = tqdm(total=cfg.steps, desc="pretrain", disable=not cfg.progress, dynamic_ncols=True)
-    step, t0 = 0, time.time()
+    writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb")) if main else None
+    bar = tqdm(total=cfg.steps, desc="pretrain", disable=not cfg.progress or not main, dynamic_ncols=True)
+    step, t0, epoch = 0, time.time(), 0
     meta = {"stage": "pretrain", "data": str(cfg.data), "episodes": len(episodes)}
     while step < cfg.steps:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch_size + 1, batch_size):  # epochs of shuffled batches, last partial dropped
-            idx = perm[start:start + batch_size]
+        if world > 1:
+            # Each rank takes its own 1/world of every epoch's shuffled demos (torch's DistributedSampler: one
+            # permutation from seed + epoch on every rank, split by rank) and batches of batch_size / world, so
+            # a step's global batch is batch_size distinct demo windows, as in one process.
+            if n < world:
+                raise ValueError(f"{cfg.data}: {n} demo windows cannot be split over {world} processes")
+            perm, local = _rank_indices(n, world, ctx.rank, cfg.seed, epoch), max(1, batch_size // world)
+        else:
+            perm, local = torch.randperm(n, generator=gen), batch_size
+        epoch += 1
+        for start in range(0, len(perm) - local + 1, local):  # epochs of shuffled batches, last partial dropped
+            idx = perm[start:start + local]
             batch = {k: ([v[i] for i in idx.tolist()] if k == "instruction" else v[idx]) for k, v in data.items()}
-            obs = {k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in batch.items()
+            obs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
                    if k in ("state", "rgb", "privileged", "instruction")}
-            loss = policy.bc_loss(obs, batch["action"].to(cfg.device), batch["action_mask"].to(cfg.device))
-            if not torch.isfinite(loss):
+            loss = policy.bc_loss(obs, batch["action"].to(device), batch["action_mask"].to(device))
+            if world > 1:  # the global batch's loss: every rank stops together on a non-finite one
+                loss_value = distributed.all_mean([loss.item()])[0]
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"pretrain loss became {loss_value} at step {step} (mean over {world} ranks); "
+                                             f"last good checkpoint: {out}")
+            elif not torch.isfinite(loss):
                 raise FloatingPointError(f"pretrain loss became {loss.item()} at step {step}; last good checkpoint: {out}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params)  # ranks: the global batch's gradient (see vla_rl.distributed)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             _ema_update(ema, policy, min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                writer.add_scalar("pretrain/bc_loss", loss.item(), step)
+            if main and (step % cfg.log_every == 0 or step == cfg.steps):
+                writer.add_scalar("pretrain/bc_loss", loss_value if world > 1 else loss.item(), step)
                 writer.add_scalar("pretrain/grad_norm", float(grad_norm), step)
                 writer.add_scalar("pretrain/lr", sched.get_last_lr()[0], step)
                 writer.add_scalar("pretrain/samples_per_s", step * batch_size / (time.time() - t0), step)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if main and (step % cfg.save_every == 0 or step == cfg.steps):
                 ema.save_pretrained(out, extra={**meta, "step": step})
             if step >= cfg.steps:
                 break
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
+    distributed.barrier()  # every rank returns once rank 0 has written the checkpoint
     return out
+
+
+def _rank_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's demo indices for one epoch: torch's DistributedSampler over the demo windows."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
 
 
 def lr_factor(cfg: PretrainConfig):

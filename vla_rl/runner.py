@@ -15,6 +15,7 @@ only if it is whole and written by the same run, and is never overwritten by a r
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from vla_rl import distributed
 from vla_rl.algos import DPPO, DSRL, RWR, DPPOConfig, DSRLConfig, RWRConfig
 from vla_rl.checkpoint import CheckpointError, write_dir_atomically
-from vla_rl.config import check_values
+from vla_rl.config import ConfigError, check_values
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
 from vla_rl.resume import check_policy_overrides, open_checkpoint, resume_state
@@ -95,14 +97,29 @@ class Runner:
         check_values(cfg)  # every value, before anything is loaded or written
         if policy is None:
             check_policy_overrides(cfg.policy_path, cfg.policy_overrides)
+        # Several ranks when launched by torchrun (or vla_rl.distributed.spawn); nothing is initialized for one.
+        self.dist = distributed.setup(rc.device)
+        self.world, self.rank = self.dist.world_size, self.dist.rank
+        if self.world > 1:
+            check_distributed(cfg, self.world)
+        self.device = self.dist.device(rc.device)  # cuda -> cuda:<local rank>
+        self.seed = distributed.rank_seed(rc.seed, self.rank)  # rank 0: rc.seed itself
         self.log_dir = Path(rc.log_dir)
         self.ckpt_dir = self.log_dir / "checkpoint"
-        resume = resume_state(self.ckpt_dir, cfg)  # refuses a checkpoint it must neither resume nor overwrite
-        torch.manual_seed(rc.seed)
+        # Rank 0 alone reads the checkpoint directory (and may set it aside); a refusal is raised on every rank.
+        resume = distributed.on_main(resume_state, self.ckpt_dir, cfg)  # refuses a checkpoint it must neither resume nor overwrite
+        torch.manual_seed(self.seed)
         factory = env_factory or _default_env_factory
         self.policy = policy if policy is not None else VLAPolicy.from_pretrained(
-            cfg.policy_path, device=rc.device, **dict(cfg.policy_overrides))
-        self.env = env if env is not None else factory(cfg.env, rc.num_envs, rc.device)
+            cfg.policy_path, device=self.device, **dict(cfg.policy_overrides))
+        local_envs = rc.num_envs // self.world
+        if env is None:
+            self.env = factory(_rank_env_cfg(cfg.env, self.rank) if self.world > 1 else cfg.env, local_envs, self.device)
+        else:
+            self.env = env
+            if self.world > 1 and env.num_envs != local_envs:
+                raise ConfigError(f"rank {self.rank}: the env given steps {env.num_envs} envs, but runner.num_envs="
+                                  f"{rc.num_envs} over {self.world} ranks gives each rank {local_envs}")
         self.eval_env = eval_env if eval_env is not None else self.env
         if rc.group_size > 0 and not hasattr(self.env, "reset_group"):
             raise ValueError(f"runner.group_size={rc.group_size} needs an env with reset_group(); "
@@ -111,14 +128,53 @@ class Runner:
         self.algo = make_algo(cfg.algo, self.policy, cfg)
         self.iteration, self.env_steps = 0, 0
         if resume is not None:
-            self.load(self.ckpt_dir, resume)
+            distributed.on_main(self.load, self.ckpt_dir, resume)
+            if self.world == 1 and resume.get("world_size", 1) != 1:
+                print(f"resuming {self.ckpt_dir} (written by {resume['world_size']} processes) in one process: weights, "
+                      "optimizer and algorithm state are restored exactly; the random streams continue rank 0's",
+                      file=sys.stderr)
+        if self.world > 1:
+            self._sync_from_main(resume)
         self.outcomes = EpisodeOutcomes(self.env.num_envs)
-        self.divergence = DivergenceWatch(self.env.num_envs, rc.max_unstable_iters)
-        self.writer = SummaryWriter(str(self.log_dir / "tb"))
-        self.gen = torch.Generator(device=self.policy.device).manual_seed(rc.seed + 7919 * self.iteration)
+        self.divergence = DivergenceWatch(self.env.num_envs, rc.max_unstable_iters, total_envs=rc.num_envs)
+        self._pending_outcomes: dict[int, list] = {}  # iteration -> [successes, episodes, spoiled, ranks reported]
+        self.writer = SummaryWriter(str(self.log_dir / "tb")) if self.rank == 0 else _NoWriter()
+        self.gen = torch.Generator(device=self.policy.device).manual_seed(self.seed + 7919 * self.iteration)
         if getattr(self, "_gen_state", None) is not None:
             self.gen.set_state(self._gen_state)
-        self.obs = self._reset(rc.seed + self.iteration)
+        self.obs = self._reset(self.seed + self.iteration)
+
+    def _sync_from_main(self, resume: dict | None) -> None:
+        """Every rank starts from rank 0's weights, optimizer and algorithm state (fresh: the randomly initialized
+        critic; resumed: what rank 0 read from the checkpoint, so the other ranks need no access to it), and
+        from its own RNG streams: those it saved, or fresh ones derived from the global seed when the world size
+        changed since the checkpoint."""
+        distributed.broadcast_module(self.policy)
+        for module in getattr(self.algo, "modules", lambda: [])():
+            distributed.broadcast_module(module)
+        main = self.rank == 0
+        opts = distributed.broadcast_object({n: o.state_dict() for n, o in self.algo.optimizers().items()} if main else None)
+        extra = distributed.broadcast_object(self.algo.extra_state() if main else None)
+        if not main:
+            for n, o in self.algo.optimizers().items():
+                o.load_state_dict(opts[n])
+            self.algo.load_extra_state(extra)
+        self.iteration, self.env_steps = distributed.broadcast_object((self.iteration, self.env_steps))
+        if resume is None:
+            return
+        ranks, saved_world = resume.get("ranks"), resume.get("world_size", 1)
+        if isinstance(ranks, list) and saved_world == self.world and len(ranks) == self.world:
+            torch.set_rng_state(torch.tensor(ranks[self.rank]["torch_rng"], dtype=torch.uint8))
+            self._gen_state = torch.tensor(ranks[self.rank]["gen_rng"], dtype=torch.uint8)
+            return
+        # Weights, optimizer, algorithm state, iteration and env steps are global and restored exactly; only the
+        # per-rank random streams and env seeds cannot carry over to another world size: re-derived from the seed.
+        torch.manual_seed(self.seed + 7919 * self.iteration)
+        self._gen_state = None
+        if self.rank == 0:
+            print(f"resuming {self.ckpt_dir} (written by {saved_world} process(es)) on {self.world}: weights, "
+                  "optimizer and algorithm state are restored exactly; each rank's random streams and env seeds are "
+                  "derived anew from runner.seed (the run continues correctly, not bit-identically)", file=sys.stderr)
 
     def _reset(self, seed):
         self.clock = torch.zeros(self.env.num_envs)  # control steps into each env's episode
@@ -164,12 +220,12 @@ class Runner:
             n_exec += self._record_episodes(info, done, ep)
             self.obs, value, self.clock = nobs, value_nobs, clock_next
         if rc.group_size > 0:  # each iteration starts fresh groups of identical starts
-            self.obs = self._reset(rc.seed + 1000003 * (self.iteration + 1))
+            self.obs = self._reset(self.seed + 1000003 * (self.iteration + 1))
             buf.episodes_cut = True
         buf.finalize()
         dt = time.perf_counter() - t0
-        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
-        return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
+        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps * self.world  # all ranks' envs
+        return buf, {"rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9), "n_exec": n_exec, **ep}
 
     def _record_episodes(self, info: dict, done: torch.Tensor, ep: dict) -> int:
         """Append the outcome, return and length of the episodes that ended; returns control steps executed."""
@@ -242,7 +298,7 @@ class Runner:
     def train(self) -> Path:
         rc = self.rc
         bar = tqdm(range(self.iteration, rc.iterations), initial=self.iteration, total=rc.iterations,
-                   disable=not rc.progress, desc=f"{self.cfg.algo}")
+                   disable=not rc.progress or self.rank != 0, desc=f"{self.cfg.algo}")
         success = None  # the last unbiased training success rate, for the progress bar
         for it in bar:
             self.outcomes.begin(it, self.clock == 0)
@@ -255,34 +311,82 @@ class Runner:
                 stats["update_time"] = time.perf_counter() - t0
             self.iteration = it + 1
             w, step = self.writer, self.env_steps
-            unstable = self.divergence.end_iteration()  # envs that diverged (info["unstable"]) this iteration
+            # envs that diverged (info["unstable"]) this iteration, over all ranks
+            unstable = self.divergence.end_iteration(reduce=_sum_int if self.world > 1 else None)
             w.add_scalar("train/unstable_envs", unstable, step)
             self._stop_if_diverged()
-            for _it, success, n in self.outcomes.completed():  # unbiased: see vla_rl.train_monitor
+            for _it, success, n in self._completed_outcomes():  # unbiased: see vla_rl.train_monitor
                 w.add_scalar("train/success_rate", success, step)
                 w.add_scalar("train/success_rate_episodes", n, step)
-            if roll["success"]:
+            ended = (len(roll["success"]), sum(roll["success"]), sum(roll["return"]), sum(roll["length"]))
+            if self.world > 1:
+                ended, roll = self._global_rollout(ended, roll, stats)
+            if ended[0]:
                 # Success among the episodes that ended in this rollout: biased toward short (successful) ones.
-                w.add_scalar("train/success_rate_ended", sum(roll["success"]) / len(roll["success"]), step)
-                w.add_scalar("train/episode_return", sum(roll["return"]) / len(roll["return"]), step)
-                w.add_scalar("train/episode_length", sum(roll["length"]) / len(roll["length"]), step)
+                w.add_scalar("train/success_rate_ended", ended[1] / ended[0], step)
+                w.add_scalar("train/episode_return", ended[2] / ended[0], step)
+                w.add_scalar("train/episode_length", ended[3] / ended[0], step)
             w.add_scalar("perf/env_steps_per_s", roll["env_steps_per_s"], step)
             w.add_scalar("perf/update_time", stats["update_time"], step)
             w.add_scalar("perf/rollout_time", roll["rollout_time"], step)  # env + chain sampling (+ critic)
+            self.last_env_steps_per_s = roll["env_steps_per_s"]
             for k, v in stats.items():
                 if k != "update_time":
                     w.add_scalar(f"loss/{k}" if "loss" in k else f"train/{k}", v, step)
             if rc.eval_every and self.iteration % rc.eval_every == 0:
-                ev = evaluate(self.policy, self.eval_env, rc.eval_episodes, seed=rc.seed + 10_000)
+                ev = self._evaluate()
                 w.add_scalar("eval/success_rate", ev["success_rate"], step)
                 w.add_scalar("eval/episode_return", ev["mean_return"], step)
-                self.obs = self._reset(rc.seed + self.iteration) if self.eval_env is self.env else self.obs
+                w.add_scalar("eval/episodes", ev["num_episodes"], step)
+                self.obs = self._reset(self.seed + self.iteration) if self.eval_env is self.env else self.obs
             if (rc.checkpoint_every and self.iteration % rc.checkpoint_every == 0) or self.iteration == rc.iterations:
                 self.save(self.ckpt_dir)
             bar.set_postfix(success="..." if success is None else f"{success:.2f}", unstable=unstable)
         self.writer.flush()
         self.writer.close()
         return self.log_dir
+
+    # ------------------------------------------------------------------ several ranks
+    def _evaluate(self) -> dict:
+        """Evaluation on ``eval_episodes`` episodes; with several ranks each runs its share on its own envs
+        (seeded from its rank seed) and the counts are summed, so rank 0 logs the whole evaluation."""
+        rc = self.rc
+        if self.world == 1:
+            return evaluate(self.policy, self.eval_env, rc.eval_episodes, seed=rc.seed + 10_000)
+        share = distributed.split_count(rc.eval_episodes, self.world, self.rank)
+        ev = evaluate(self.policy, self.eval_env, share, seed=self.seed + 10_000) if share else None
+        n = ev["num_episodes"] if ev else 0
+        k, ret, n = distributed.all_sum([ev["success_rate"] * n if ev else 0.0, ev["mean_return"] * n if ev else 0.0,
+                                         float(n)])
+        return {"success_rate": k / max(n, 1), "mean_return": ret / max(n, 1), "num_episodes": int(n)}
+
+    def _completed_outcomes(self) -> list[tuple[int, float, int]]:
+        """The unbiased training success rate of every iteration now known on *all* ranks (each rank finishes
+        an iteration's quota of episodes at its own pace), summed over ranks."""
+        if self.world == 1:
+            return self.outcomes.completed()
+        for counts in distributed.gather_objects(self.outcomes.completed_counts()):
+            for it, k, n, spoiled in counts:
+                entry = self._pending_outcomes.setdefault(it, [0, 0, False, 0])
+                entry[0], entry[1], entry[2], entry[3] = entry[0] + k, entry[1] + n, entry[2] or spoiled, entry[3] + 1
+        out = []
+        for it in sorted(self._pending_outcomes):
+            k, n, spoiled, reported = self._pending_outcomes[it]
+            if reported < self.world:
+                break
+            del self._pending_outcomes[it]
+            if not spoiled and n:
+                out.append((it, k / n, n))
+        return out
+
+    def _global_rollout(self, ended: tuple, roll: dict, stats: dict) -> tuple[tuple, dict]:
+        """The rollout's logged numbers over all ranks: ended episodes pooled (count, successes, return and
+        length sums), env steps/s of the whole job (every rank's env steps over the slowest rank's rollout
+        time), and the slowest rank's update time."""
+        *ended, n_exec = distributed.all_sum([*ended, roll.get("n_exec", 0)])
+        dt, up = distributed.all_max([roll["rollout_time"], stats["update_time"]])
+        stats["update_time"] = up
+        return (int(ended[0]), *ended[1:]), {**roll, "rollout_time": dt, "env_steps_per_s": n_exec / max(dt, 1e-9)}
 
     def _stop_if_diverged(self) -> None:
         """Stop (before this iteration's data is checkpointed) when most envs keep diverging."""
@@ -294,6 +398,21 @@ class Runner:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, path: Path) -> Path:
+        """Write the checkpoint atomically. With several ranks every rank calls this (each contributes its
+        RNG streams), rank 0 alone writes, and all return once the checkpoint is in place."""
+        ranks = None
+        if self.world > 1:
+            ranks = distributed.gather_objects({"torch_rng": torch.get_rng_state().tolist(),
+                                                "gen_rng": self.gen.get_state().tolist()})
+            if self.rank != 0:
+                distributed.barrier()  # rank 0 writes
+                return Path(path)
+            out = self._write(path, ranks)
+            distributed.barrier()
+            return out
+        return self._write(path, ranks)
+
+    def _write(self, path: Path, ranks: list | None) -> Path:
         tensors, opt_meta = {}, {}
         for name, opt in self.algo.optimizers().items():
             sd = opt.state_dict()
@@ -308,6 +427,8 @@ class Runner:
         state = {"iteration": self.iteration, "env_steps": self.env_steps, "optimizers": opt_meta,
                  "algo": self.algo.extra_state(), "torch_rng": torch.get_rng_state().tolist(),
                  "gen_rng": self.gen.get_state().tolist(), "config": _jsonable(asdict(self.cfg))}
+        if ranks is not None:  # several ranks: each one's RNG streams, for a resume on the same world size
+            state["world_size"], state["ranks"] = self.world, ranks
 
         algo_tensors = self.algo.state_tensors() if hasattr(self.algo, "state_tensors") else {}
 
@@ -360,6 +481,51 @@ class Runner:
                 pid, k = key.split("/", 1)
                 st.setdefault(int(pid), {})[k] = v
             opt.load_state_dict({"state": st, "param_groups": meta["param_groups"]})
+
+
+def check_distributed(cfg: TrainConfig, world: int) -> None:
+    """What a run on ``world`` ranks needs of its config; each problem is a ConfigError naming the key."""
+    rc = cfg.runner
+    if rc.num_envs % world:
+        raise ConfigError(f"runner.num_envs={rc.num_envs} must be divisible by the number of processes ({world}): "
+                          f"each rank steps runner.num_envs / {world} envs")
+    if cfg.algo == "dsrl":
+        raise ConfigError(f"algo=dsrl runs in one process (its replay buffer and gradient steps per decision are not "
+                          f"data-parallel yet); launch it without torchrun, or use algo=dppo / rwr on {world} ranks")
+    local = rc.num_envs // world
+    if rc.group_size > 0 and local % rc.group_size:
+        raise ConfigError(f"runner.group_size={rc.group_size} must divide each rank's {local} envs "
+                          f"(runner.num_envs={rc.num_envs} over {world} ranks): a group of identical starts lives on one rank")
+    if cfg.algo == "dppo" and cfg.dppo.advantage == "group" and rc.group_size == 0:
+        raise ConfigError("dppo.advantage=group with runner.group_size=0 (a per-instruction baseline) needs every "
+                          f"rank's episodes of an instruction in one place; on {world} ranks set runner.group_size > 0 "
+                          "(groups of identical starts, one rank each)")
+
+
+def _rank_env_cfg(env_cfg: dict, rank: int) -> dict:
+    """The env section a rank builds its envs from: a set env seed is offset per rank (the runner's resets pass
+    rank seeds anyway; this covers what an env draws before its first reset, e.g. worker processes)."""
+    env_cfg = dict(env_cfg)
+    if env_cfg.get("seed") is not None:
+        env_cfg["seed"] = distributed.rank_seed(int(env_cfg["seed"]), rank)
+    return env_cfg
+
+
+def _sum_int(x: int) -> int:
+    return int(distributed.all_sum([x])[0])
+
+
+class _NoWriter:
+    """Ranks other than 0 log nothing: TensorBoard is written by rank 0 alone."""
+
+    def add_scalar(self, *_args, **_kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _read_tensors(path: Path) -> dict:

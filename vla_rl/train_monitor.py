@@ -65,6 +65,12 @@ class EpisodeOutcomes:
 
     def completed(self) -> list[tuple[int, float, int]]:
         """``(iteration, success rate, episodes)`` of every iteration now fully known, oldest first (once)."""
+        return [(it, k / n, n) for it, k, n, spoiled in self.completed_counts() if not spoiled and n]
+
+    def completed_counts(self) -> list[tuple[int, int, int, bool]]:
+        """``(iteration, successes, episodes, spoiled)`` of every iteration now fully known, oldest first (once),
+        spoiled and empty ones included: with several ranks an iteration is reported once *every* rank knows it
+        (``vla_rl.runner``), so each rank must say so even when it has nothing to add."""
         pending = [int(x) for x in self.lo[self.lo >= 0]] + [int(x) for x in self.owed[self.owed >= 0]]
         first_open = min(pending, default=self.current + 1)
         out = []
@@ -72,8 +78,7 @@ class EpisodeOutcomes:
             if it >= first_open:
                 break  # some env still owes (or runs) an episode for it
             res = self.results.pop(it)
-            if it not in self.spoiled and res:
-                out.append((it, sum(res) / len(res), len(res)))
+            out.append((it, sum(res), len(res), it in self.spoiled))
             self.spoiled.discard(it)
         return out
 
@@ -82,8 +87,9 @@ class DivergenceWatch:
     """Counts the envs that diverged (``info["unstable"]``) in the current iteration and stops training
     when more than half of them diverge in ``patience`` iterations in a row (0 = never stop)."""
 
-    def __init__(self, num_envs: int, patience: int):
-        self.num_envs, self.patience = num_envs, patience
+    def __init__(self, num_envs: int, patience: int, total_envs: int | None = None):
+        # total_envs: the envs of all ranks (the majority is taken over them); num_envs: this process's
+        self.num_envs, self.patience = (total_envs or num_envs), patience
         self.unstable = torch.zeros(num_envs, dtype=torch.bool)
         self.history: list[int] = []
 
@@ -91,9 +97,12 @@ class DivergenceWatch:
         if "unstable" in info:
             self.unstable |= info["unstable"].cpu().bool() & done.cpu().bool()
 
-    def end_iteration(self) -> int:
-        """The count of envs that diverged in the iteration that just ended (then reset for the next)."""
+    def end_iteration(self, reduce=None) -> int:
+        """The count of envs that diverged in the iteration that just ended (then reset for the next);
+        ``reduce``: turns this process's count into all ranks' (a sum over ranks)."""
         count = int(self.unstable.sum())
+        if reduce is not None:
+            count = reduce(count)
         self.unstable[:] = False
         self.history = (self.history + [count])[-max(self.patience, 1):]
         return count

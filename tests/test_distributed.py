@@ -1,0 +1,289 @@
+"""Data-parallel RL and BC on torch.distributed (gloo, 2 CPU ranks spawned by the tests).
+
+One spawn runs several phases in the same process group (process start-up is the expensive part):
+one DPPO update on 2 ranks against a single process's update on the concatenated batch; global reductions;
+rank-0-only checkpoints and TensorBoard; a 2-rank resume that reproduces an uninterrupted run bit for bit;
+data-parallel BC with a distributed sampler. A second test launches ``torchrun -m vla_rl.cli train`` with a
+rank that raises and checks the job ends with that rank's error within a bounded time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vla_rl import distributed
+from vla_rl.algos import DPPO, DPPOConfig
+from vla_rl.config import ConfigError
+from vla_rl.envs.toy import ToyGoalEnv
+from vla_rl.policy import VLAPolicy
+from vla_rl.rollout import RolloutBuffer
+from vla_rl.runner import Runner, RunnerConfig, TrainConfig, check_distributed
+
+from toy_utils import toy_policy_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _policy():
+    torch.manual_seed(0)
+    return VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+
+
+def _dppo_cfg(**kw):
+    # one minibatch = the whole batch, so a single process's update on the concatenated batch visits the same
+    # rows in each step; two epochs make the second step depend on the first's Adam state
+    return DPPOConfig(update_epochs=2, num_minibatches=1, **kw)
+
+
+def _train_cfg(log_dir, iterations, **runner):
+    return TrainConfig(algo="dppo", dppo=_dppo_cfg(),
+                       runner=RunnerConfig(**{"iterations": iterations, "num_envs": 8, "steps_per_iter": 2,
+                                              "eval_every": 2, "eval_episodes": 6, "checkpoint_every": 2,
+                                              "log_dir": str(log_dir), "progress": False, **runner}))
+
+
+def _same_on_all_ranks(module) -> bool:
+    sums = distributed.gather_objects([float(p.double().sum()) for p in module.state_dict().values()])
+    return all(s == sums[0] for s in sums)
+
+
+# ---------------------------------------------------------------------------------------------- rank code
+def _phases(tmp: str) -> None:
+    tmp = Path(tmp)
+    ctx = distributed.setup("cpu")
+    rank = ctx.rank
+    assert ctx.world_size == WORLD and distributed.enabled()
+
+    # 1) global reductions: rank-dependent data, compared with the concatenation
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(5 + 2 * rank, generator=g) * (1 + 2 * rank) + 5 * rank
+    full = torch.cat(distributed.gather_objects(x))
+    mean, std = distributed.mean_std(x)
+    assert torch.allclose(mean, full.mean(), atol=1e-6) and torch.allclose(std, full.std(), atol=1e-6)
+    assert not torch.allclose(std, x.std(), atol=1e-3)  # the local statistic is not the global one
+    m, v, n = distributed.moments(x)
+    assert n == full.numel() and abs(m - full.mean().item()) < 1e-6 and abs(v - full.var(unbiased=False).item()) < 1e-5
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), float(rank + 1))
+    q = torch.nn.Parameter(torch.zeros(2))  # no gradient on rank 0: counts as zero there
+    q.grad = None if rank == 0 else torch.ones(2)
+    distributed.average_gradients([p, q])
+    assert torch.allclose(p.grad, torch.full((3,), 1.5)) and torch.allclose(q.grad, torch.full((2,), 0.5))
+
+    # 2) one DPPO update on 2 ranks (4 envs each); the parent test repeats it in one process on the 8 envs
+    cfg = _train_cfg(tmp / "update", 1, eval_every=0, checkpoint_every=0)
+    runner = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
+    assert runner.env.num_envs == 4 and runner.seed == distributed.rank_seed(0, rank)
+    assert _same_on_all_ranks(runner.policy)  # rank 0's randomly initialized critic was broadcast
+    init = {k: v.clone() for k, v in runner.policy.state_dict().items()}
+    buf, _ = runner.collect()
+    stats = runner.algo.update(buf)
+    assert _same_on_all_ranks(runner.policy)
+    torch.save({"data": buf.data, "instructions": buf.instructions}, tmp / f"buf{rank}.pt")
+    if rank == 0:
+        torch.save({"init": init, "after": runner.policy.state_dict(), "stats": stats}, tmp / "update.pt")
+    states = distributed.gather_objects(runner.env.pos.tolist())
+    assert states[0] != states[1]  # the ranks' envs draw different starts
+    runner.writer.close()
+
+    # 3) uninterrupted 4 iterations, and 2 iterations + a resume to 4: checkpoints and TensorBoard by rank 0
+    Runner(_train_cfg(tmp / "full", 4), policy=_policy()).train()
+    Runner(_train_cfg(tmp / "part", 2), policy=_policy()).train()
+    resumed = Runner(_train_cfg(tmp / "part", 4), policy=_policy())
+    assert resumed.iteration == 2 and resumed.algo.iteration == 2 and _same_on_all_ranks(resumed.policy)
+    resumed.train()
+
+    # 4) data-parallel BC: a distributed sampler splits each epoch's demos between the ranks
+    from vla_rl.pretrain import PretrainConfig, pretrain
+
+    pcfg = PretrainConfig(data=str(tmp / "demos"), out=str(tmp / "bc"), steps=4, batch_size=8, warmup_steps=1,
+                          log_every=2, save_every=100, progress=False,
+                          policy=toy_policy_cfg())
+    pcfg.policy.language_encoder = "hash"
+    seen, bc_loss = [], VLAPolicy.bc_loss
+
+    def recording(self, obs, *args, **kwargs):  # the demo rows (by their states) each step trains on
+        seen.append(sorted(tuple(round(v, 5) for v in row) for row in obs["state"].tolist()))
+        return bc_loss(self, obs, *args, **kwargs)
+
+    VLAPolicy.bc_loss = recording
+    try:
+        out = pretrain(pcfg)
+    finally:
+        VLAPolicy.bc_loss = bc_loss
+    batches = distributed.gather_objects(seen)
+    assert len(batches[0]) == len(batches[1]) == 4
+    for mine, theirs in zip(batches[0], batches[1]):
+        assert len(mine) == len(theirs) == 4 and not set(mine) & set(theirs)  # disjoint halves of a global batch
+    assert out == Path(pcfg.out) and (out / "model.safetensors").is_file()  # written by rank 0 before any returns
+    distributed.barrier()
+
+
+def _demos(path):
+    import numpy as np
+
+    from vla_rl.data import EpisodeWriter
+
+    rng = np.random.default_rng(0)
+    with EpisodeWriter(path) as w:
+        for i in range(6):
+            t = 6
+            w.add_episode({"state": rng.normal(size=(t, 3))}, rng.normal(size=(t, 2)) * 0.1,
+                          instruction="go to the correct goal", success=True)
+
+
+def _ckpt_policy(run: Path) -> dict:
+    return load_file(str(run / "checkpoint" / "policy" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    _demos(tmp / "demos")
+    t0 = time.perf_counter()
+    distributed.spawn(_phases, WORLD, str(tmp))
+    print(f"2-rank phases took {time.perf_counter() - t0:.1f} s")
+    return tmp
+
+
+def test_one_update_equals_single_process_on_concatenated_batch(spawned):
+    saved = torch.load(spawned / "update.pt", weights_only=False)
+    bufs = [torch.load(spawned / f"buf{r}.pt", weights_only=False) for r in range(WORLD)]
+    policy = _policy()
+    algo = DPPO(policy, _dppo_cfg())
+    policy.load_state_dict(saved["init"])
+    buf = RolloutBuffer(2, 8)
+    buf.data = torch.cat([b["data"] for b in bufs], 1)  # [T, 8]: rank 0's envs, then rank 1's
+    buf.instructions = [sum((b["instructions"][t] for b in bufs), []) for t in range(2)]
+    stats = algo.update(buf)
+    after = policy.state_dict()
+    moved = 0
+    for k, v in saved["after"].items():
+        assert torch.allclose(after[k], v, atol=1e-5, rtol=0), k
+        moved += int(not torch.equal(v, saved["init"][k]))
+    assert moved > 0  # the update changed weights (the comparison is not between two untouched copies)
+    for k in ("policy_loss", "value_loss", "approx_kl", "explained_variance"):
+        assert abs(stats[k] - saved["stats"][k]) < 1e-5, (k, stats[k], saved["stats"][k])
+
+
+def test_global_advantage_normalization(spawned):
+    """Local normalization would give a different update: the ranks' advantages differ in mean and spread."""
+    saved = torch.load(spawned / "update.pt", weights_only=False)
+    bufs = [torch.load(spawned / f"buf{r}.pt", weights_only=False) for r in range(WORLD)]
+    policy = _policy()
+    algo = DPPO(policy, _dppo_cfg())
+    policy.load_state_dict(saved["init"])
+    advs = []
+    for b in bufs:  # each rank's half normalized on its own, gradients averaged: what a naive data-parallel does
+        one = RolloutBuffer(2, 4)
+        one.data, one.instructions = b["data"], b["instructions"]
+        advs.append(algo.compute_advantages(one)[0])
+    assert not torch.allclose(advs[0].mean(), advs[1].mean(), atol=1e-4) or \
+        not torch.allclose(advs[0].std(), advs[1].std(), atol=1e-4)
+    buf = RolloutBuffer(2, 8)
+    buf.data = torch.cat([b["data"] for b in bufs], 1)
+    buf.instructions = [sum((b["instructions"][t] for b in bufs), []) for t in range(2)]
+    flat = buf.flatten(*algo.compute_advantages(buf))
+    idx = torch.arange(flat["n"])
+
+    def pg_grad(rows):  # gradient of the clipped surrogate on these rows (advantages normalized over them)
+        algo.actor_opt.zero_grad(set_to_none=True)
+        algo.loss(buf.index_obs(flat, rows), flat["chain"][rows], flat["log_prob"][rows], flat["adv"][rows],
+                  flat["ret"][rows], flat["value"][rows])[1].backward()
+        return torch.cat([p.grad.flatten() for p in algo.actor_params if p.grad is not None])
+
+    glob = pg_grad(idx)  # the concatenated batch, normalized with the global statistics (= the 2-rank update)
+    rows = idx.view(2, 8)  # [T, N] of the flattened batch: rank 0's envs are columns 0-3
+    local = (pg_grad(rows[:, :4].flatten()) + pg_grad(rows[:, 4:].flatten())) / 2  # each half normalized alone
+    assert (glob - local).norm() > 1e-3 * glob.norm()  # so the equality test above would catch local normalization
+
+
+def test_rank0_alone_writes_checkpoint_and_tensorboard(spawned):
+    for run in ("full", "part"):
+        d = spawned / run
+        assert sorted(p.name for p in d.iterdir()) == ["checkpoint", "tb"], list(d.iterdir())  # no leftovers
+        events = [p.name for p in (d / "tb").iterdir()]
+        assert len({e.rsplit(".", 2)[1] for e in events}) == 1, events  # one writer process: rank 0 (one file per run)
+        assert len(events) == (1 if run == "full" else 2), events
+        state = json.loads((d / "checkpoint" / "state.json").read_text())
+        assert state["iteration"] == 4 and state["world_size"] == WORLD and len(state["ranks"]) == WORLD
+        assert state["env_steps"] == 4 * 2 * 8 * 4  # iterations x steps x all ranks' envs x exec_steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((spawned / "full" / "tb").iterdir())))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("eval/episodes")] == [6.0, 6.0]  # 3 per rank, gathered
+    assert "train/approx_kl" in acc.Tags()["scalars"] and "perf/env_steps_per_s" in acc.Tags()["scalars"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(spawned):
+    full, part = _ckpt_policy(spawned / "full"), _ckpt_policy(spawned / "part")
+    assert full.keys() == part.keys()
+    for k in full:
+        assert torch.equal(full[k], part[k]), k
+    assert (spawned / "bc" / "model.safetensors").is_file()
+
+
+def test_changed_world_size_resumes_in_one_process(spawned, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(spawned / "part", tmp_path / "run")
+    r = Runner(_train_cfg(tmp_path / "run", 5), policy=_policy(), env=ToyGoalEnv(8))
+    assert r.iteration == 4 and "written by 2 processes" in capsys.readouterr().err
+    r.train()
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["iteration"] == 5
+
+
+def test_config_checks_name_the_problem(tmp_path):
+    cfg = _train_cfg(tmp_path, 1, num_envs=7)
+    with pytest.raises(ConfigError, match="num_envs=7 must be divisible by the number of processes"):
+        check_distributed(cfg, 2)
+    cfg = _train_cfg(tmp_path, 1, group_size=4, num_envs=4)
+    with pytest.raises(ConfigError, match="group_size=4 must divide each rank's 2 envs"):
+        check_distributed(cfg, 2)
+    cfg = _train_cfg(tmp_path, 1)
+    cfg.algo = "dsrl"
+    with pytest.raises(ConfigError, match="algo=dsrl runs in one process"):
+        check_distributed(cfg, 2)
+
+
+# ---------------------------------------------------------------------------------------------- failure
+class _Exploding(ToyGoalEnv):
+    def step(self, action):
+        self.calls = getattr(self, "calls", 0) + 1
+        if os.environ.get("RANK") == "1" and self.calls == 3:
+            raise RuntimeError("rank 1: the simulator exploded")
+        return super().step(action)
+
+
+def exploding_env(num_envs, device="cpu", seed=None):
+    """``test_distributed:exploding_env``: rank 1's env raises at its third step."""
+    return _Exploding(num_envs, device=device, seed=seed or 0)
+
+
+def test_failing_rank_ends_the_job_with_its_error(tmp_path):
+    policy = _policy()
+    policy.save_pretrained(tmp_path / "pol")
+    (tmp_path / "train.yaml").write_text(
+        f"policy_path: {tmp_path / 'pol'}\nenv: {{task: 'test_distributed:exploding_env'}}\nalgo: dppo\n"
+        f"runner: {{iterations: 50, num_envs: 4, steps_per_iter: 2, eval_every: 0, log_dir: {tmp_path / 'run'}, "
+        "progress: false}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={WORLD}",
+           "-m", "vla_rl.cli", "train", str(tmp_path / "train.yaml"), "dppo.update_epochs=1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "rank 1: the simulator exploded" in out, out
+    assert elapsed < 60, (elapsed, out)
