@@ -18,5 +18,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,language,video,warp]"
+python -m pip install -q -e ".[test,language,video,warp,vlm]"
 echo "set-up done: $(python -c 'import torch, mujoco; print("torch", torch.__version__, "mujoco", mujoco.__version__)')"

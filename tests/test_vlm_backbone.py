@@ -206,7 +206,7 @@ def test_checkpoint_errors_name_the_directory(qwen_dir, tmp_path):
 def _place_env(n=2):
     from vla_rl.envs import make_env
 
-    return make_env("place", n, seed=0, cameras=["front"], image_size=[IMG, IMG], max_episode_steps=6)
+    return make_env("place", n, seed=0, cameras=["front"], image_size=[IMG, IMG], max_episode_steps=4)  # 2 decisions of 2 actions: episodes end
 
 
 @pytest.mark.parametrize("algo", ["dppo", "rwr", "dsrl"])
@@ -216,25 +216,27 @@ def test_rl_iteration_on_place_with_cameras(qwen_dir, tmp_path, algo):
 
     env = _place_env()
     obs = env.reset()
-    state_dim, action_dim = obs["state"].shape[1], env.action_dim
+    state_dim, action_dim = obs["state"].shape[1], env.spec.action_dim
     torch.manual_seed(0)
     policy = VLAPolicy(vlm_cfg(qwen_dir, "lora", state_dim=state_dim, action_dim=action_dim))
     policy.cfg.privileged_dim = 0
     calls = CountForward(policy)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     cfg = TrainConfig(algo=algo, dppo=DPPOConfig(update_epochs=2, num_minibatches=2),
-                      rwr=RWRConfig(update_epochs=1), dsrl=DSRLConfig(batch_size=4, learning_starts=0, utd=1),
+                      rwr=RWRConfig(update_epochs=1, min_episodes=1, skip_constant=False), dsrl=DSRLConfig(batch_size=4, learning_starts=0, utd=1),
                       runner=RunnerConfig(iterations=1, num_envs=2, steps_per_iter=2, eval_every=0,
                                           checkpoint_every=1, log_dir=str(tmp_path / "run"), progress=False))
     run = train(cfg, policy=policy, env=env)
-    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    changed = {n for n, p in policy.named_parameters() if n in before and not torch.equal(p, before[n])}
     base_changed = {n for n in changed if n.startswith("vlm.model.") and "lora_" not in n}
-    assert changed and not base_changed
+    assert not base_changed
+    if algo == "dsrl":  # DSRL trains its noise actor and critics over the VLM features; the chain stays frozen
+        assert policy.noise_actor is not None and not changed
+    else:
+        assert changed
     if algo == "dppo":  # the head only (DPPO's default): the rollout's VLM passes serve all 2 x 2 log-prob calls
         assert calls.n == 2 and policy.vlm.cache_hits >= 2 * 2 + 4
         assert all(n.startswith(("head.", "critic.")) for n in changed)
-    if algo == "dsrl":
-        assert all(n.startswith(("noise_actor.", "critic")) for n in changed)
     # resume: a fresh runner on a fresh policy continues from the checkpoint with the trained weights
     saved = run / "checkpoint" / "policy"
     assert not any(p.suffix in (".bin", ".pt") for p in saved.rglob("*"))
@@ -252,10 +254,11 @@ def test_bc_pretraining_on_place_with_cameras(qwen_dir, tmp_path):
     from vla_rl.collect import collect_demos
     from vla_rl.pretrain import PretrainConfig, pretrain
 
-    collect_demos("place", 2, tmp_path / "demos", num_envs=2, cameras=("front",), image_size=(IMG, IMG), max_steps=12)
+    collect_demos("place", 2, tmp_path / "demos", num_envs=2, cameras=("front",), image_size=(IMG, IMG), max_steps=20,
+                  keep_failed=True, max_episode_steps=6)  # short episodes, kept even when they end unfinished
     pcfg = vlm_cfg(qwen_dir, "lora")
     cfg = PretrainConfig(data=str(tmp_path / "demos"), out=str(tmp_path / "bc"), steps=2, batch_size=4,
-                         progress=False, policy=pcfg)
+                         only_success=False, progress=False, policy=pcfg)
     out = pretrain(cfg)
     loaded = VLAPolicy.from_pretrained(out)
     assert loaded.vlm is not None and loaded.cfg.vlm.mode == "lora"

@@ -439,7 +439,8 @@ def tiny_vlm_config(family: str, tokenizer, size: str = "tiny", image_size: int 
                   "0.5b": dict(depth=12, embed_dim=768, num_heads=12, patch_size=14),
                   "2b": dict(depth=32, embed_dim=1280, num_heads=16, patch_size=14)}[size]
         return Qwen2VLConfig(
-            text_config=dict(vocab_size=vocab, max_position_embeddings=4096,
+            text_config=dict(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=None,
+                             eos_token_id=ids("<|endoftext|>"),
                              rope_scaling={"type": "mrope", "mrope_section": section}, **text),
             vision_config=dict(hidden_size=text["hidden_size"], mlp_ratio=4 if size != "tiny" else 2,
                                spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **vision),
