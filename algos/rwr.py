@@ -30,6 +30,8 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+from vla_rl import distributed
+
 from .dppo import refuse_steered
 
 
@@ -53,8 +55,9 @@ class RWRConfig:
 
 def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
     r = returns.float()
-    if normalize and r.numel() > 1:
-        r = (r - r.mean()) / (r.std() + 1e-8)
+    if normalize and r.numel() * distributed.world_size() > 1:
+        mean, std = distributed.mean_std(r)  # over every rank's returns; r.mean(), r.std() in one process
+        r = (r - mean) / (std + 1e-8)
     return torch.exp(beta * r).clamp(max=max_weight)
 
 
@@ -124,6 +127,8 @@ class RWR:
     def update(self, buf) -> dict:
         self.add_rollout(buf)
         self.iteration += 1
+        if distributed.enabled():
+            return self._update_ranks()
         stats = {"episodes_ready": float(len(self.ready))}
         if len(self.ready) < max(self.cfg.min_episodes, 1):
             return {**stats, "skipped": 1.0}
@@ -142,23 +147,78 @@ class RWR:
         n = len(w)
         mb = max(1, n // self.cfg.num_minibatches)
         params = self.policy.actor_parameters()
+        ranks = distributed.enabled()
         losses = []
         for _ in range(self.cfg.update_epochs):
             perm = torch.randperm(n)
-            for s in range(0, n, mb):
-                idx = perm[s:s + mb]
-                obs = {k: v for k, v in td["obs"][idx].items()}
-                obs["instruction"] = [instructions[i] for i in idx.tolist()]
-                per = self.policy.bc_loss(obs, td["actions"][idx], reduction="none")
-                loss = (w[idx] * per).sum() / w[idx].sum()
-                if self.demos is not None:
-                    loss = loss + self.cfg.demo_coef * self._demo_loss(len(idx))
+            # Several ranks hold different numbers of decisions: each takes num_minibatches steps per epoch (its
+            # share of each global minibatch, maybe empty), so that their gradient all-reduces stay in step.
+            batches = torch.tensor_split(perm, self.cfg.num_minibatches) if ranks else [perm[s:s + mb] for s in range(0, n, mb)]
+            for idx in batches:
+                if ranks:
+                    loss, value = self._rank_loss(td, instructions, w, idx)
+                else:
+                    obs = {k: v for k, v in td["obs"][idx].items()}
+                    obs["instruction"] = [instructions[i] for i in idx.tolist()]
+                    per = self.policy.bc_loss(obs, td["actions"][idx], reduction="none")
+                    loss = (w[idx] * per).sum() / w[idx].sum()
+                    if self.demos is not None:
+                        loss = loss + self.cfg.demo_coef * self._demo_loss(len(idx))
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss is not None:
+                    loss.backward()
+                distributed.average_gradients(params)
                 nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
                 self.opt.step()
-                losses.append(loss.item())
+                losses.append(value if ranks else loss.item())
         return losses
+
+    # ------------------------------------------------------------------ several ranks
+    def _update_ranks(self) -> dict:
+        """:meth:`update` on several ranks (``vla_rl.distributed``): each rank holds the episodes its own envs
+        finished; whether to update, the return normalization, the weighted mean of every minibatch and the
+        logged numbers are over all ranks' decisions, so the step is the one a single process would take on
+        all of them."""
+        ready = int(distributed.all_sum([len(self.ready)])[0])
+        stats = {"episodes_ready": float(ready)}
+        if ready < max(self.cfg.min_episodes, 1):
+            return {**stats, "skipped": 1.0}
+        if self.ready:
+            td, instructions, ret = self.ready_batch()
+        else:  # this rank's envs finished no episode since the last update; the others did
+            td, instructions, ret = None, [], torch.zeros(0)
+        self.ready = []
+        inf = float("inf")
+        hi, neg_lo = distributed.all_max([ret.max().item() if len(ret) else -inf, -ret.min().item() if len(ret) else -inf])
+        if self.cfg.skip_constant and hi == -neg_lo:
+            return {**stats, "skipped": 1.0}
+        w = rwr_weights(ret, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
+        losses = self._regress(td, instructions, w)
+        n, w_sum, r_sum = distributed.all_sum([float(len(w)), w.sum().item(), ret.float().sum().item()])
+        w_max = distributed.all_max([w.max().item() if len(w) else -inf])[0]
+        return {**stats, "skipped": 0.0, "policy_loss": sum(losses) / max(len(losses), 1), "decisions": n,
+                "weight_max": w_max, "weight_mean": w_sum / n, "return_mean": r_sum / n}
+
+    def _rank_loss(self, td, instructions: list[str], w: torch.Tensor, idx: torch.Tensor):
+        """This rank's part of a global minibatch's loss: ``world * sum_i w_i l_i / sum_all w`` (its gradient,
+        averaged over the ranks, is the gradient of the global weighted mean) plus the demo BC term on its own
+        demo draws; also the global loss value, for the logs. ``None`` as the loss when this rank's part is empty
+        and there are no demos."""
+        world = distributed.world_size()
+        num = demo = None
+        if len(idx):
+            obs = {k: v for k, v in td["obs"][idx].items()}
+            obs["instruction"] = [instructions[i] for i in idx.tolist()]
+            num = (w[idx] * self.policy.bc_loss(obs, td["actions"][idx], reduction="none")).sum()
+        if self.demos is not None:
+            demo = self._demo_loss(max(1, len(idx)))
+        w_sum, num_sum, demo_sum = distributed.all_sum([w[idx].sum().item(), num.item() if num is not None else 0.0,
+                                                        demo.item() if demo is not None else 0.0])
+        value = num_sum / w_sum + (self.cfg.demo_coef * demo_sum / world if demo is not None else 0.0)
+        loss = None if num is None else num * (world / w_sum)
+        if demo is not None:
+            loss = self.cfg.demo_coef * demo if loss is None else loss + self.cfg.demo_coef * demo
+        return loss, value
 
     # ------------------------------------------------------------------ demonstrations
     def _load_demos(self) -> dict:

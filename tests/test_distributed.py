@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from vla_rl import distributed
-from vla_rl.algos import DPPO, DPPOConfig
+from vla_rl.algos import DPPO, RWR, DPPOConfig, RWRConfig
 from vla_rl.config import ConfigError
 from vla_rl.envs.toy import ToyGoalEnv
 from vla_rl.policy import VLAPolicy
@@ -41,6 +41,23 @@ def _dppo_cfg(**kw):
     # one minibatch = the whole batch, so a single process's update on the concatenated batch visits the same
     # rows in each step; two epochs make the second step depend on the first's Adam state
     return DPPOConfig(update_epochs=2, num_minibatches=1, **kw)
+
+
+def _row_seeded_noise(policy):
+    """RWR regresses with the denoising loss, which draws noise for each row; drawn here from a seed that is a
+    function of the row, so that 2 ranks and one process draw the same noise for the same decision."""
+    draw = policy.noise.training_target
+
+    def training_target(x0, generator=None):
+        rows = [draw(x0[i:i + 1], torch.Generator(x0.device).manual_seed(int(x0[i].abs().sum() * 1e6) % 2**31))
+                for i in range(len(x0))]
+        return tuple(torch.cat(parts) for parts in zip(*rows))
+
+    policy.noise.training_target = training_target
+
+
+def _rwr_cfg():
+    return RWRConfig(update_epochs=2, num_minibatches=1, min_episodes=1, skip_constant=False, lr=1e-3)
 
 
 def _train_cfg(log_dir, iterations, **runner):
@@ -78,21 +95,24 @@ def _phases(tmp: str) -> None:
     distributed.average_gradients([p, q])
     assert torch.allclose(p.grad, torch.full((3,), 1.5)) and torch.allclose(q.grad, torch.full((2,), 0.5))
 
-    # 2) one DPPO update on 2 ranks (4 envs each); the parent test repeats it in one process on the 8 envs
-    cfg = _train_cfg(tmp / "update", 1, eval_every=0, checkpoint_every=0)
-    runner = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
-    assert runner.env.num_envs == 4 and runner.seed == distributed.rank_seed(0, rank)
-    assert _same_on_all_ranks(runner.policy)  # rank 0's randomly initialized critic was broadcast
-    init = {k: v.clone() for k, v in runner.policy.state_dict().items()}
-    buf, _ = runner.collect()
-    stats = runner.algo.update(buf)
-    assert _same_on_all_ranks(runner.policy)
-    torch.save({"data": buf.data, "instructions": buf.instructions}, tmp / f"buf{rank}.pt")
-    if rank == 0:
-        torch.save({"init": init, "after": runner.policy.state_dict(), "stats": stats}, tmp / "update.pt")
-    states = distributed.gather_objects(runner.env.pos.tolist())
-    assert states[0] != states[1]  # the ranks' envs draw different starts
-    runner.writer.close()
+    # 2) one DPPO and one RWR update on 2 ranks (4 envs each); the parent test repeats them in one process on 8
+    for algo in ("dppo", "rwr"):
+        cfg = _train_cfg(tmp / algo, 1, eval_every=0, checkpoint_every=0)
+        cfg.algo, cfg.rwr = algo, _rwr_cfg()
+        runner = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
+        _row_seeded_noise(runner.policy)
+        assert runner.env.num_envs == 4 and runner.seed == distributed.rank_seed(0, rank)
+        assert _same_on_all_ranks(runner.policy)  # rank 0's randomly initialized critic was broadcast
+        init = {k: v.clone() for k, v in runner.policy.state_dict().items()}
+        buf, _ = runner.collect()
+        stats = runner.algo.update(buf)
+        assert _same_on_all_ranks(runner.policy)
+        torch.save({"data": buf.data, "instructions": buf.instructions}, tmp / f"{algo}_buf{rank}.pt")
+        if rank == 0:
+            torch.save({"init": init, "after": runner.policy.state_dict(), "stats": stats}, tmp / f"{algo}_update.pt")
+        states = distributed.gather_objects(runner.env.pos.tolist())
+        assert states[0] != states[1]  # the ranks' envs draw different starts
+        runner.writer.close()
 
     # 3) uninterrupted 4 iterations, and 2 iterations + a resume to 4: checkpoints and TensorBoard by rank 0
     Runner(_train_cfg(tmp / "full", 4), policy=_policy()).train()
@@ -154,30 +174,39 @@ def spawned(tmp_path_factory):
     return tmp
 
 
-def test_one_update_equals_single_process_on_concatenated_batch(spawned):
-    saved = torch.load(spawned / "update.pt", weights_only=False)
-    bufs = [torch.load(spawned / f"buf{r}.pt", weights_only=False) for r in range(WORLD)]
-    policy = _policy()
-    algo = DPPO(policy, _dppo_cfg())
-    policy.load_state_dict(saved["init"])
+def _concatenated(spawned, algo):
+    """The 2 ranks' rollouts as one [T, 8] buffer (rank 0's envs, then rank 1's), and rank 0's saved update."""
+    saved = torch.load(spawned / f"{algo}_update.pt", weights_only=False)
+    bufs = [torch.load(spawned / f"{algo}_buf{r}.pt", weights_only=False) for r in range(WORLD)]
     buf = RolloutBuffer(2, 8)
-    buf.data = torch.cat([b["data"] for b in bufs], 1)  # [T, 8]: rank 0's envs, then rank 1's
+    buf.data = torch.cat([b["data"] for b in bufs], 1)
     buf.instructions = [sum((b["instructions"][t] for b in bufs), []) for t in range(2)]
-    stats = algo.update(buf)
+    return saved, bufs, buf
+
+
+@pytest.mark.parametrize("algo", ["dppo", "rwr"])
+def test_one_update_equals_single_process_on_concatenated_batch(spawned, algo):
+    saved, _, buf = _concatenated(spawned, algo)
+    policy = _policy()
+    learner = DPPO(policy, _dppo_cfg()) if algo == "dppo" else RWR(policy, _rwr_cfg())
+    policy.load_state_dict(saved["init"])
+    _row_seeded_noise(policy)
+    stats = learner.update(buf)
     after = policy.state_dict()
     moved = 0
     for k, v in saved["after"].items():
         assert torch.allclose(after[k], v, atol=1e-5, rtol=0), k
         moved += int(not torch.equal(v, saved["init"][k]))
     assert moved > 0  # the update changed weights (the comparison is not between two untouched copies)
-    for k in ("policy_loss", "value_loss", "approx_kl", "explained_variance"):
+    keys = ("policy_loss", "value_loss", "approx_kl", "explained_variance") if algo == "dppo" else \
+        ("policy_loss", "decisions", "episodes_ready", "weight_max", "weight_mean", "return_mean")
+    for k in keys:
         assert abs(stats[k] - saved["stats"][k]) < 1e-5, (k, stats[k], saved["stats"][k])
 
 
 def test_global_advantage_normalization(spawned):
     """Local normalization would give a different update: the ranks' advantages differ in mean and spread."""
-    saved = torch.load(spawned / "update.pt", weights_only=False)
-    bufs = [torch.load(spawned / f"buf{r}.pt", weights_only=False) for r in range(WORLD)]
+    saved, bufs, buf = _concatenated(spawned, "dppo")
     policy = _policy()
     algo = DPPO(policy, _dppo_cfg())
     policy.load_state_dict(saved["init"])
@@ -188,9 +217,6 @@ def test_global_advantage_normalization(spawned):
         advs.append(algo.compute_advantages(one)[0])
     assert not torch.allclose(advs[0].mean(), advs[1].mean(), atol=1e-4) or \
         not torch.allclose(advs[0].std(), advs[1].std(), atol=1e-4)
-    buf = RolloutBuffer(2, 8)
-    buf.data = torch.cat([b["data"] for b in bufs], 1)
-    buf.instructions = [sum((b["instructions"][t] for b in bufs), []) for t in range(2)]
     flat = buf.flatten(*algo.compute_advantages(buf))
     idx = torch.arange(flat["n"])
 

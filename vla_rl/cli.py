@@ -233,18 +233,42 @@ def main(argv: list[str] | None = None) -> int:
         args.config = [a for a in args.config if "=" not in a]
     from .train_monitor import TrainingDiverged
 
+    name = _process_name(args.command)
     try:
         status = args.func(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"vla-rl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return _failed(e, 2)
     except ValueError as e:  # EnvError, CheckpointError, DataError, ObservationError: bad input, named
-        print(f"vla-rl {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        print(f"{name}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return _failed(e, 2)
     except TrainingDiverged as e:
-        print(f"vla-rl {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return _failed(e, 1)
+    except Exception as e:
+        _failed(e, 1)
+        raise
     return status or 0
+
+
+def _process_name(command: str) -> str:
+    """``vla-rl train``, or ``vla-rl train [rank 1/4]`` in a process launched by torchrun."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"vla-rl {command}" + (f" [rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "1") else "")
+
+
+def _failed(error: BaseException, code: int) -> int:
+    """Under torchrun, write the error where the elastic agent reads it, so that its failure summary names
+    this rank's exception (not only its exit code)."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+    return code
 
 
 if __name__ == "__main__":
