@@ -250,23 +250,30 @@ def test_rl_iteration_on_place_with_cameras(qwen_dir, tmp_path, algo):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
-def test_bc_pretraining_on_place_with_cameras(qwen_dir, tmp_path):
+def test_bc_pretraining_on_place_with_cameras(qwen_dir, tmp_path, capsys):
+    from vla_rl.cli import main
     from vla_rl.collect import collect_demos
-    from vla_rl.pretrain import PretrainConfig, pretrain
 
     collect_demos("place", 2, tmp_path / "demos", num_envs=2, cameras=("front",), image_size=(IMG, IMG), max_steps=20,
                   keep_failed=True, max_episode_steps=6)  # short episodes, kept even when they end unfinished
-    pcfg = vlm_cfg(qwen_dir, "lora")
-    cfg = PretrainConfig(data=str(tmp_path / "demos"), out=str(tmp_path / "bc"), steps=2, batch_size=4,
-                         only_success=False, progress=False, policy=pcfg)
-    out = pretrain(cfg)
+    args = ["pretrain", "--data", str(tmp_path / "demos"), "--out", str(tmp_path / "bc"), "steps=2", "batch_size=4",
+            "only_success=false", "progress=false", "policy.horizon=4", "policy.exec_steps=2",
+            "policy.cameras=[front]", "policy.language_encoder=hash", "policy.dit.d_model=32", "policy.dit.n_heads=4",
+            "policy.fusion_layers=0", "policy.backbone=transformers", f"policy.vlm.path={qwen_dir}",
+            "policy.vlm.mode=lora", "policy.vlm.tokens=4", "policy.vlm.lora_r=4"]
+    assert main(args[:-3] + ["policy.vlm.mode=qlora"]) == 2  # a bad value fails at start-up, key named
+    assert "policy.vlm.mode='qlora' is not allowed" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "trainable (VLM qwen2_vl" in capsys.readouterr().out  # the parameter count, printed at start
+    out = tmp_path / "bc"
     loaded = VLAPolicy.from_pretrained(out)
     assert loaded.vlm is not None and loaded.cfg.vlm.mode == "lora"
     assert any("lora_" in k for k in load_file(str(out / "model.safetensors")))
 
 
-def test_export_refuses_and_serve_runs_the_torch_policy_over_a_socket(qwen_dir, tmp_path, capsys):
+def test_export_refuses_and_serve_runs_the_torch_policy_over_a_socket(qwen_dir, tmp_path, capsys, monkeypatch):
     from vla_rl.cli import main
+    from vla_rl.deploy import server as server_mod
     from vla_rl.deploy.server import PolicyClient, start_server_thread
     from vla_rl.deploy.torch_runtime import TorchPolicyRuntime
     from vla_rl.export import ExportRefused, export_bundle
@@ -281,6 +288,14 @@ def test_export_refuses_and_serve_runs_the_torch_policy_over_a_socket(qwen_dir, 
     assert "ExportRefused" in err and "qwen2_vl" in err and f"vla-rl serve {out}" in err
     assert not (tmp_path / "bundle").exists()
 
+    # `vla-rl serve <policy dir>` builds the torch runtime (the blocking serve loop is swapped for a capture;
+    # the runtime is then served on a real socket below)
+    served = []
+    monkeypatch.setattr(server_mod, "serve", lambda runtime, *a, **k: served.append(runtime))
+    assert main(["serve", str(out), "--port", "0", "--hold", "zero"]) == 0
+    assert isinstance(served[0], TorchPolicyRuntime) and served[0].manifest["action"]["hold"] == ["zero"] * 4
+    assert main(["serve", str(tmp_path / "nothing")]) == 2  # neither a bundle nor a policy directory: named
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
     rt = TorchPolicyRuntime.load(out, hold="zero", action_bounds=(-1.0, 1.0))
     server = start_server_thread(rt, session_defaults={"seed": 3})
     try:
@@ -299,3 +314,4 @@ def test_export_refuses_and_serve_runs_the_torch_policy_over_a_socket(qwen_dir, 
     finally:
         server.stop()
     assert json.loads(json.dumps(meta))["model"]["source"] == str(out)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import one_of, register_rules
 from .vlm_backbone import VLMConfig
 
 
@@ -114,6 +115,8 @@ class PolicyConfig:
     critic_clock: bool = False
     critic_images: bool = False
 
+
+register_rules(PolicyConfig, backbone=one_of("builtin", "transformers"))  # the others: vla_rl/config_rules.py
 
 # Named sizes of the action head; the CLI and configs refer to them by name.
 DIT_SIZES = {

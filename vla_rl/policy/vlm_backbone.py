@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..config import between, ge, gt, one_of, register_rules
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class VLMConfig:
     # save_pretrained copies the backbone directory into the policy directory (always done for "full",
     # whose weights are the fine-tuned ones) instead of referencing it by path + revision.
     copy: bool = False
+
+
+register_rules(VLMConfig, mode=one_of(*MODES), dtype=one_of(*DTYPES), tokens=gt(0), lora_r=gt(0), lora_alpha=gt(0),
+               lora_dropout=between(0, 1, hi_open=True), feature_cache=ge(0))
 
 
 def check_vlm_config(c: VLMConfig) -> None:
@@ -155,6 +160,14 @@ class _Family:
 class _QwenVL(_Family):
     """Qwen2-VL / Qwen2.5-VL: per image <|vision_start|> <|image_pad|> x (grid t*h*w / merge^2) <|vision_end|>."""
 
+    def __init__(self, tokenizer, image_processor, config):
+        super().__init__(tokenizer, image_processor, config)
+        import inspect
+
+        from transformers import Qwen2VLModel
+
+        self.takes_mm_token_type_ids = "mm_token_type_ids" in inspect.signature(Qwen2VLModel.forward).parameters
+
     def pixel_inputs(self, images):
         out = self.image_processor(images=images, return_tensors="pt")
         merge = int(getattr(self.image_processor, "merge_size", 2))
@@ -167,7 +180,10 @@ class _QwenVL(_Family):
         return image * n_cameras + self.tokenizer(instruction, add_special_tokens=False)["input_ids"]
 
     def extra_inputs(self, input_ids):
-        # transformers 5 computes the multimodal RoPE positions from the modality of each token (1 = image)
+        # transformers 5 computes the multimodal RoPE positions from the modality of each token (1 = image);
+        # transformers 4 finds the image tokens itself and has no such argument
+        if not self.takes_mm_token_type_ids:
+            return {}
         return {"mm_token_type_ids": (input_ids == self.config.image_token_id).long()}
 
 
