@@ -67,9 +67,10 @@ class VLMConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # "auto": bfloat16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slow on most CPUs).
     dtype: str = "auto"
-    # Observations whose hidden states are kept while the VLM is not trained (LRU). Memory per entry:
-    # sequence length x hidden width x 4 bytes (~0.5 MB for a 0.5B model with two 224px cameras).
-    feature_cache: int = 16384
+    # Observations whose hidden states are kept while the VLM is not trained (LRU). To compute each rollout
+    # observation once, keep it >= num_envs x steps_per_iter. Memory per entry: prompt tokens x hidden width
+    # x 4 bytes (0.36 MB for the ~0.5B Qwen2-VL class with one 224 px camera: 100 tokens x 896). 0 = off.
+    feature_cache: int = 4096
     # save_pretrained copies the backbone directory into the policy directory (always done for "full",
     # whose weights are the fine-tuned ones) instead of referencing it by path + revision.
     copy: bool = False
@@ -312,17 +313,20 @@ class VLMBackbone(nn.Module):
         return torch.autocast(device.type, enabled=False)
 
     def _row_keys(self, rgb: torch.Tensor, instructions: list[str]) -> list:
-        """A content key per observation: two 64-bit integer hashes of the images (exact integer arithmetic
-        on the device, so the same pixels give the same key at any batch size) and the instruction."""
+        """A content key per observation: two integer hashes of the pixels and the instruction. The hashes are
+        float64 dot products with random integer weights < 2^20: every partial sum stays below 2^53 (for up to
+        2^25 pixel values per observation), so they are exact whatever the summation order, and the same
+        pixels give the same key at any batch size, on any device."""
         flat = rgb.reshape(rgb.shape[0], -1)
-        if self._hash_weights is None or self._hash_weights.shape[1] != flat.shape[1] \
+        if flat.shape[1] > 2**25:
+            raise ValueError(f"observation of {flat.shape[1]} pixel values is too large for the feature-cache key")
+        if self._hash_weights is None or self._hash_weights.shape[0] != flat.shape[1] \
                 or self._hash_weights.device != flat.device:
             g = torch.Generator().manual_seed(0)
-            # < 2^31, so 255 * w summed over up to 2^24 pixels cannot overflow int64
-            self._hash_weights = torch.randint(0, 2**31 - 1, (2, flat.shape[1]), generator=g,
-                                               dtype=torch.int64).to(flat.device)
-        h = (flat.to(torch.int64)[:, None, :] * self._hash_weights[None]).sum(-1).tolist()
-        return [(a, b, s) for (a, b), s in zip(h, instructions)]
+            self._hash_weights = torch.randint(0, 2**20, (flat.shape[1], 2), generator=g).to(flat.device, torch.float64)
+        # a few rows at a time: the float64 copy of a large batch of images would be large
+        h = torch.cat([flat[i:i + 16].to(torch.float64) @ self._hash_weights for i in range(0, len(flat), 16)])
+        return [(int(a), int(b), s) for (a, b), s in zip(h.tolist(), instructions)]
 
     def _weights_key(self):
         return tuple((p.device, p._version) for p in self.model.parameters())
