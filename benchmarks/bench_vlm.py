@@ -41,13 +41,13 @@ def emit(row: dict, name: str) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def policy_cfg(path, mode, state_dim, action_dim, image, cameras=("front",), d_model=64):
+def policy_cfg(path, mode, state_dim, action_dim, image, cameras=("front",), d_model=64, dtype="auto"):
     from vla_rl.policy.config import DiTConfig, NoiseConfig, PolicyConfig
     from vla_rl.policy.vlm_backbone import VLMConfig
 
     return PolicyConfig(action_dim=action_dim, state_dim=state_dim, horizon=4, exec_steps=2, cameras=list(cameras),
                         image_size=[image, image], language_encoder="hash", fusion_layers=0, backbone="transformers",
-                        vlm=VLMConfig(path=str(path), mode=mode, tokens=8),
+                        vlm=VLMConfig(path=str(path), mode=mode, tokens=8, dtype=dtype),
                         dit=DiTConfig(d_model=d_model, n_layers=2, n_heads=4),
                         noise=NoiseConfig(kind="flow", sample_steps=10, stochastic_steps=4))
 
@@ -166,10 +166,9 @@ def bench_step(args) -> None:
         ip.save_pretrained(path)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        policy = VLAPolicy(policy_cfg(path, args.mode, 8, 7, args.image, d_model=256))
-        if dtype != torch.float32:  # the VLM weights stay in the checkpoint's dtype (bf16); the head in fp32
-            policy.vlm.model.to(dtype)
-            policy.cfg.vlm.dtype = "bfloat16"
+        # vlm.dtype=bfloat16: the VLM's weights and compute in bf16 (the head stays fp32)
+        policy = VLAPolicy(policy_cfg(path, args.mode, 8, 7, args.image, d_model=256,
+                                      dtype="bfloat16" if dtype == torch.bfloat16 else "auto"))
         load_s = time.perf_counter() - t0
         counts = policy.print_parameter_counts()
         b = args.batch

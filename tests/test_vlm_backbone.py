@@ -315,3 +315,21 @@ def test_export_refuses_and_serve_runs_the_torch_policy_over_a_socket(qwen_dir, 
         server.stop()
     assert json.loads(json.dumps(meta))["model"]["source"] == str(out)
 
+
+
+def test_copied_backbone_and_bf16_weights(qwen_dir, tmp_path):
+    original = tmp_path / "models" / "qwen"
+    shutil.copytree(qwen_dir, original)
+    torch.manual_seed(0)
+    policy = VLAPolicy(vlm_cfg(original, "lora", copy=True, dtype="bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for n, p in policy.vlm.model.named_parameters() if "lora_" not in n)
+    obs, noise = obs_batch(2), torch.randn(2, 11, 4, 4)
+    with torch.no_grad():
+        ref = policy.sample(obs, noise=noise).actions
+    assert torch.isfinite(ref).all()
+    out = policy.save_pretrained(tmp_path / "pol")
+    shutil.rmtree(original)  # the policy directory is self-contained: backbone/ holds the VLM
+    loaded = VLAPolicy.from_pretrained(out)
+    assert loaded.vlm.directory == out / "backbone" and loaded.cfg.vlm.revision == policy.cfg.vlm.revision
+    with torch.no_grad():
+        assert torch.equal(loaded.sample(obs, noise=noise).actions, ref)

@@ -65,7 +65,8 @@ class VLMConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # "auto": bfloat16 autocast on CUDA, float32 on CPU (CPU bf16 matmuls are slow on most CPUs).
+    # "auto": float32 weights, bfloat16 autocast on CUDA, float32 compute on CPU (CPU bf16 matmuls are slow
+    # on most CPUs); "bfloat16": bf16 weights and compute everywhere (half the memory); "float32": no autocast.
     dtype: str = "auto"
     # Observations whose hidden states are kept while the VLM is not trained (LRU). To compute each rollout
     # observation once, keep it >= num_envs x steps_per_iter. Memory per entry: prompt tokens x hidden width
@@ -237,7 +238,9 @@ class VLMBackbone(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(d, local_files_only=True)
             image_processor = AutoImageProcessor.from_pretrained(d, local_files_only=True)
-            model = AutoModel.from_pretrained(d, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+            # float32 master weights unless asked for bf16 ones (half the memory, for a frozen or LoRA VLM)
+            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+            model = AutoModel.from_pretrained(d, local_files_only=True, use_safetensors=True, dtype=dtype)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"VLM backbone directory {d} cannot be loaded: {e}") from e
         self.model_type = hf_cfg.model_type
