@@ -313,3 +313,20 @@ def test_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert proc.returncode != 0, out
     assert "rank 1: the simulator exploded" in out, out
     assert elapsed < 60, (elapsed, out)
+
+
+def _hanging_rank() -> None:
+    ctx = distributed.setup("cpu")
+    if ctx.rank == 1:
+        time.sleep(120)  # stuck (a simulator that never returns): never reaches the collective
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    distributed.average_gradients([p])
+
+
+def test_hanging_rank_ends_the_job_after_the_collective_timeout(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "3")
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=r"rank 0/2: the gradient all-reduce did not complete.*VLA_RL_DIST_TIMEOUT=3"):
+        distributed.spawn(_hanging_rank, WORLD)
+    assert time.perf_counter() - t0 < 60

@@ -29,9 +29,11 @@ the elastic agent restarts *all* ranks, which resume from the last checkpoint (r
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +126,33 @@ def split_count(total: int, world: int, rank_: int) -> int:
     return total // world + (1 if rank_ < total % world else 0)
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: another rank stopped (its own error is the cause) or hangs."""
+
+
+# Seconds spent in collectives and their count (communication plus waiting for the slowest rank), for
+# benchmarks/bench_distributed.py's account of what limits scaling.
+COLLECTIVE_STATS = {"seconds": 0.0, "calls": 0}
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """Name the situation when a collective fails: the backend's message (gloo: "Timed out waiting 600000ms
+    for recv", "Connection closed by peer") says nothing about which rank or why."""
+    t0 = time.perf_counter()
+    try:
+        yield
+        COLLECTIVE_STATS["seconds"] += time.perf_counter() - t0
+        COLLECTIVE_STATS["calls"] += 1
+    except RuntimeError as e:
+        if isinstance(e, CollectiveError):
+            raise
+        raise CollectiveError(
+            f"rank {dist.get_rank()}/{dist.get_world_size()}: {what} did not complete: another rank stopped (its "
+            f"error is the root cause torchrun reports) or did not reach it within {TIMEOUT_ENV}={timeout_s():g} s "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+
+
 # ---------------------------------------------------------------------------------------------- reductions
 def _device_of(tensors) -> torch.device:
     for t in tensors:
@@ -161,7 +190,8 @@ def average_gradients(params) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float().to(dev)
                       for p in params] + [has])
-    dist.all_reduce(flat)
+    with _collective("the gradient all-reduce"):
+        dist.all_reduce(flat)
     offset = 0
     counts = flat[-len(params):]
     for i, p in enumerate(params):
@@ -178,7 +208,8 @@ def average_gradients(params) -> None:
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     dev = _comm_device(t.device)
     x = t.detach().to(dev).clone()
-    dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM)
+    with _collective("an all-reduce of statistics"):
+        dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM)
     return x.to(t.device)
 
 
@@ -242,7 +273,8 @@ def gather_objects(obj) -> list:
     if not enabled():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("a gather of per-rank results"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -251,7 +283,8 @@ def broadcast_object(obj, src: int = 0):
     if not enabled():
         return obj
     box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    with _collective(f"a broadcast from rank {src}"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -263,7 +296,8 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     for t in list(module.parameters()) + list(module.buffers()):
         dev = _comm_device(t.device)
         x = t.detach().to(dev).contiguous()
-        dist.broadcast(x, src=src)
+        with _collective(f"the broadcast of rank {src}'s weights"):
+            dist.broadcast(x, src=src)
         if x.data_ptr() != t.data_ptr():
             t.copy_(x.to(t.device))
 
@@ -297,7 +331,8 @@ def _rebuild(kind: type, message: str) -> Exception:
 
 def barrier() -> None:
     if enabled():
-        dist.barrier()
+        with _collective("a barrier"):
+            dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------- launching

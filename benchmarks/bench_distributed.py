@@ -1,0 +1,119 @@
+"""Env steps/s of the full DPPO loop (collect + update, all ranks) on `place` with 1 and 2 ranks, side by side
+in one script run: configurations interleaved round by round (so machine load hits them alike), each run a
+fresh job started by ``vla_rl.distributed.spawn`` (the Python-API twin of ``torchrun --standalone``), medians
+over rounds. Not a test.
+
+    python benchmarks/bench_distributed.py --rounds 3 --iters 2
+
+A run: one warm-up iteration, then ``--iters`` timed iterations between two barriers (so the time is the
+slowest rank's); checkpoint writes are switched off (disk, not compute). The global batch is the same in
+every configuration (``--num-envs`` envs x ``--decisions`` decisions x 4 executed actions), so the rows
+compare wall-clock for the same work; the 2-rank job steps ``num-envs / 2`` envs per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {  # name: (ranks, torch threads per rank)
+    "1 rank, 1 thread": (1, 1),
+    "1 rank, 2 threads": (1, 2),
+    "2 ranks, 1 thread each": (2, 1),
+}
+
+
+def _rank(opts: dict, out: str) -> None:
+    from vla_rl import distributed
+    from vla_rl.algos import DPPOConfig
+    from vla_rl.envs import make_env
+    from vla_rl.policy import PolicyConfig, VLAPolicy
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    ctx = distributed.setup("cpu")
+    torch.set_num_threads(opts["threads"])
+    probe = make_env("place", 1)
+    spec = probe.spec
+    probe.close()
+    cfg = PolicyConfig(action_dim=spec.action_dim, state_dim=spec.state_dim, privileged_dim=spec.privileged_dim,
+                       horizon=8, exec_steps=4, language_encoder="hash")
+    cfg.noise.stochastic_steps = 5
+    torch.manual_seed(0)
+    policy = VLAPolicy(cfg)
+    tc = TrainConfig(algo="dppo", env={"task": "place"}, dppo=DPPOConfig(target_kl=0.0, kl_revert=0.0),
+                     runner=RunnerConfig(iterations=1, num_envs=opts["num_envs"], steps_per_iter=opts["decisions"],
+                                         eval_every=0, checkpoint_every=0, resume=False, progress=False,
+                                         log_dir=opts["log_dir"]))
+    runner = Runner(tc, policy=policy)
+    runner.save = lambda path: path  # no checkpoint writes: the benchmark measures compute and communication
+    runner.train()  # warm-up iteration
+    distributed.barrier()
+    t0 = time.perf_counter()
+    comm0 = dict(distributed.COLLECTIVE_STATS)
+    runner.rc.iterations = 1 + opts["iters"]
+    runner.train()
+    distributed.barrier()
+    dt = time.perf_counter() - t0
+    comm = {k: distributed.COLLECTIVE_STATS[k] - comm0[k] for k in comm0}
+    if ctx.rank == 0:
+        steps = opts["iters"] * opts["decisions"] * opts["num_envs"] * cfg.exec_steps
+        Path(out).write_text(json.dumps({"seconds": dt, "env_steps": steps, "env_steps_per_s": steps / dt,
+                                         "rollout_env_steps_per_s": runner.last_env_steps_per_s,
+                                         "collective_s_per_iter": comm["seconds"] / opts["iters"],
+                                         "collectives_per_iter": comm["calls"] / opts["iters"],
+                                         "envs_per_rank": runner.env.num_envs}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per run (after 1 warm-up)")
+    p.add_argument("--num-envs", type=int, default=32, help="global: split over the ranks")
+    p.add_argument("--decisions", type=int, default=10)
+    p.add_argument("--configs", nargs="+", default=["1 rank, 1 thread", "2 ranks, 1 thread each"], choices=list(CONFIGS))
+    p.add_argument("--json", help="write every run's numbers here")
+    a = p.parse_args()
+
+    from vla_rl import distributed
+
+    runs: dict[str, list[dict]] = {c: [] for c in a.configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for name in a.configs:
+                ranks, threads = CONFIGS[name]
+                out = os.path.join(tmp, f"{r}-{ranks}-{threads}.json")
+                opts = {"threads": threads, "num_envs": a.num_envs, "decisions": a.decisions, "iters": a.iters,
+                        "log_dir": os.path.join(tmp, f"run-{r}-{ranks}-{threads}")}
+                distributed.spawn(_rank, ranks, opts, out)
+                res = json.loads(Path(out).read_text())
+                runs[name].append(res)
+                print(f"round {r + 1}: {name}: {res['env_steps_per_s']:.0f} env steps/s "
+                      f"({res['env_steps']} steps in {res['seconds']:.2f} s; rollout alone "
+                      f"{res['rollout_env_steps_per_s']:.0f}/s; rank 0 in collectives {res['collective_s_per_iter']:.2f} s "
+                      f"per iteration over {res['collectives_per_iter']:.0f} calls)", flush=True)
+    base = statistics.median(x["env_steps_per_s"] for x in runs[a.configs[0]])
+    print(f"\n{a.num_envs} envs (global) x {a.decisions} decisions x 4 actions per iteration, {a.iters} timed "
+          f"iterations per run, medians of {a.rounds} runs:")
+    print("| configuration | envs per rank | env steps/s (full loop) | rollout env steps/s | s/iter in collectives "
+          "(rank 0) | vs first row |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        med = statistics.median(x["env_steps_per_s"] for x in rs)
+        roll = statistics.median(x["rollout_env_steps_per_s"] for x in rs)
+        comm = statistics.median(x["collective_s_per_iter"] for x in rs)
+        each = ", ".join(f"{x['env_steps_per_s']:.0f}" for x in rs)
+        print(f"| {name} | {rs[0]['envs_per_rank']} | {med:.0f} (runs: {each}) | {roll:.0f} | {comm:.2f} | "
+              f"{med / base:.2f}x |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
