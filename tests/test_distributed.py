@@ -1,10 +1,11 @@
-"""Data-parallel RL and BC on torch.distributed (gloo, 2 CPU ranks spawned by the tests).
+"""Data-parallel RL and BC on torch.distributed (gloo, 2 CPU ranks started by the tests).
 
-One spawn runs several phases in the same process group (process start-up is the expensive part):
-one DPPO update on 2 ranks against a single process's update on the concatenated batch; global reductions;
-rank-0-only checkpoints and TensorBoard; a 2-rank resume that reproduces an uninterrupted run bit for bit;
-data-parallel BC with a distributed sampler. A second test launches ``torchrun -m vla_rl.cli train`` with a
-rank that raises and checks the job ends with that rank's error within a bounded time.
+One spawn runs several phases in the same process group (process start-up is the expensive part): global
+reductions; one DPPO and one RWR update on 2 ranks, compared with a single process's update on the
+concatenated batch; rank-0-only checkpoints and TensorBoard; a 2-rank resume that reproduces an uninterrupted
+run bit for bit; data-parallel BC with a distributed sampler. Then: a resume on another world size, config
+refusals, a rank that hangs (the collective timeout ends the job), and ``torchrun -m vla_rl.cli train`` with
+a rank that raises (restarted once, resumed from the checkpoint, then the job ends with that rank's error).
 """
 
 import json
@@ -19,20 +20,20 @@ import torch
 from safetensors.torch import load_file
 
 from vla_rl import distributed
-from vla_rl.algos import DPPO, RWR, DPPOConfig, RWRConfig
-from vla_rl.config import ConfigError
 from vla_rl.envs.toy import ToyGoalEnv
-from vla_rl.policy import VLAPolicy
-from vla_rl.rollout import RolloutBuffer
-from vla_rl.runner import Runner, RunnerConfig, TrainConfig, check_distributed
 
-from toy_utils import toy_policy_cfg
+# The rest of the library is imported inside the functions that use it: the processes spawned for the
+# failure tests import this module, and start faster without it.
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
 def _policy():
+    from vla_rl.policy import VLAPolicy
+
+    from toy_utils import toy_policy_cfg
+
     torch.manual_seed(0)
     return VLAPolicy(toy_policy_cfg(stochastic_steps=3))
 
@@ -40,6 +41,8 @@ def _policy():
 def _dppo_cfg(**kw):
     # one minibatch = the whole batch, so a single process's update on the concatenated batch visits the same
     # rows in each step; two epochs make the second step depend on the first's Adam state
+    from vla_rl.algos import DPPOConfig
+
     return DPPOConfig(update_epochs=2, num_minibatches=1, **kw)
 
 
@@ -57,10 +60,14 @@ def _row_seeded_noise(policy):
 
 
 def _rwr_cfg():
+    from vla_rl.algos import RWRConfig
+
     return RWRConfig(update_epochs=2, num_minibatches=1, min_episodes=1, skip_constant=False, lr=1e-3)
 
 
 def _train_cfg(log_dir, iterations, **runner):
+    from vla_rl.runner import RunnerConfig, TrainConfig
+
     return TrainConfig(algo="dppo", dppo=_dppo_cfg(),
                        runner=RunnerConfig(**{"iterations": iterations, "num_envs": 8, "steps_per_iter": 2,
                                               "eval_every": 2, "eval_episodes": 6, "checkpoint_every": 2,
@@ -74,6 +81,11 @@ def _same_on_all_ranks(module) -> bool:
 
 # ---------------------------------------------------------------------------------------------- rank code
 def _phases(tmp: str) -> None:
+    from vla_rl.policy import VLAPolicy
+    from vla_rl.runner import Runner
+
+    from toy_utils import toy_policy_cfg
+
     tmp = Path(tmp)
     ctx = distributed.setup("cpu")
     rank = ctx.rank
@@ -176,6 +188,8 @@ def spawned(tmp_path_factory):
 
 def _concatenated(spawned, algo):
     """The 2 ranks' rollouts as one [T, 8] buffer (rank 0's envs, then rank 1's), and rank 0's saved update."""
+    from vla_rl.rollout import RolloutBuffer
+
     saved = torch.load(spawned / f"{algo}_update.pt", weights_only=False)
     bufs = [torch.load(spawned / f"{algo}_buf{r}.pt", weights_only=False) for r in range(WORLD)]
     buf = RolloutBuffer(2, 8)
@@ -186,6 +200,8 @@ def _concatenated(spawned, algo):
 
 @pytest.mark.parametrize("algo", ["dppo", "rwr"])
 def test_one_update_equals_single_process_on_concatenated_batch(spawned, algo):
+    from vla_rl.algos import DPPO, RWR
+
     saved, _, buf = _concatenated(spawned, algo)
     policy = _policy()
     learner = DPPO(policy, _dppo_cfg()) if algo == "dppo" else RWR(policy, _rwr_cfg())
@@ -206,6 +222,9 @@ def test_one_update_equals_single_process_on_concatenated_batch(spawned, algo):
 
 def test_global_advantage_normalization(spawned):
     """Local normalization would give a different update: the ranks' advantages differ in mean and spread."""
+    from vla_rl.algos import DPPO
+    from vla_rl.rollout import RolloutBuffer
+
     saved, bufs, buf = _concatenated(spawned, "dppo")
     policy = _policy()
     algo = DPPO(policy, _dppo_cfg())
@@ -261,6 +280,8 @@ def test_resume_reproduces_an_uninterrupted_run(spawned):
 def test_changed_world_size_resumes_in_one_process(spawned, tmp_path, capsys):
     import shutil
 
+    from vla_rl.runner import Runner
+
     shutil.copytree(spawned / "part", tmp_path / "run")
     r = Runner(_train_cfg(tmp_path / "run", 5), policy=_policy(), env=ToyGoalEnv(8))
     assert r.iteration == 4 and "written by 2 processes" in capsys.readouterr().err
@@ -269,6 +290,9 @@ def test_changed_world_size_resumes_in_one_process(spawned, tmp_path, capsys):
 
 
 def test_config_checks_name_the_problem(tmp_path):
+    from vla_rl.config import ConfigError
+    from vla_rl.runner import check_distributed
+
     cfg = _train_cfg(tmp_path, 1, num_envs=7)
     with pytest.raises(ConfigError, match="num_envs=7 must be divisible by the number of processes"):
         check_distributed(cfg, 2)
@@ -282,39 +306,6 @@ def test_config_checks_name_the_problem(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- failure
-class _Exploding(ToyGoalEnv):
-    def step(self, action):
-        self.calls = getattr(self, "calls", 0) + 1
-        if os.environ.get("RANK") == "1" and self.calls == 3:
-            raise RuntimeError("rank 1: the simulator exploded")
-        return super().step(action)
-
-
-def exploding_env(num_envs, device="cpu", seed=None):
-    """``test_distributed:exploding_env``: rank 1's env raises at its third step."""
-    return _Exploding(num_envs, device=device, seed=seed or 0)
-
-
-def test_failing_rank_ends_the_job_with_its_error(tmp_path):
-    policy = _policy()
-    policy.save_pretrained(tmp_path / "pol")
-    (tmp_path / "train.yaml").write_text(
-        f"policy_path: {tmp_path / 'pol'}\nenv: {{task: 'test_distributed:exploding_env'}}\nalgo: dppo\n"
-        f"runner: {{iterations: 50, num_envs: 4, steps_per_iter: 2, eval_every: 0, log_dir: {tmp_path / 'run'}, "
-        "progress: false}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={WORLD}",
-           "-m", "vla_rl.cli", "train", str(tmp_path / "train.yaml"), "dppo.update_epochs=1"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    elapsed = time.perf_counter() - t0
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
-    assert "rank 1: the simulator exploded" in out, out
-    assert elapsed < 60, (elapsed, out)
-
-
 def _hanging_rank() -> None:
     ctx = distributed.setup("cpu")
     if ctx.rank == 1:
@@ -325,8 +316,55 @@ def _hanging_rank() -> None:
 
 
 def test_hanging_rank_ends_the_job_after_the_collective_timeout(monkeypatch):
-    monkeypatch.setenv(distributed.TIMEOUT_ENV, "3")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2")
     t0 = time.perf_counter()
-    with pytest.raises(Exception, match=r"rank 0/2: the gradient all-reduce did not complete.*VLA_RL_DIST_TIMEOUT=3"):
+    with pytest.raises(Exception, match=r"rank 0/2: the gradient all-reduce did not complete.*VLA_RL_DIST_TIMEOUT=2"):
         distributed.spawn(_hanging_rank, WORLD)
     assert time.perf_counter() - t0 < 60
+
+
+class _Failing(ToyGoalEnv):
+    def step(self, action):
+        self.calls = getattr(self, "calls", 0) + 1
+        # First attempt: in iteration 3 (after the checkpoint of iteration 2); the restart resumes at iteration 2
+        # and fails in iteration 4, after logging iteration 3.
+        fail_at = 5 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else 3
+        if os.environ.get("RANK") == "1" and self.calls == fail_at:
+            raise RuntimeError("rank 1: the simulator exploded")
+        return super().step(action)
+
+
+def failing_env(num_envs, device="cpu", seed=None):
+    """``test_distributed:failing_env``: rank 1's env raises in every attempt of the job."""
+    return _Failing(num_envs, device=device, seed=seed or 0)
+
+
+def test_failing_rank_ends_the_job_with_its_error_after_a_resumed_restart(tmp_path):
+    """``torchrun --max-restarts 1 -m vla_rl.cli train``: rank 1 raises; the elastic agent stops rank 0 and
+    restarts both, which resume from rank 0's last checkpoint (a fresh rendezvous: the previous attempt's peer
+    addresses are not reused); rank 1 raises again and the job ends, within a bounded time, with its error."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _policy().save_pretrained(tmp_path / "pol")
+    (tmp_path / "train.yaml").write_text(
+        f"policy_path: {tmp_path / 'pol'}\nenv: {{task: 'test_distributed:failing_env'}}\nalgo: dppo\n"
+        f"runner: {{iterations: 50, num_envs: 4, steps_per_iter: 2, eval_every: 0, checkpoint_every: 1, "
+        f"log_dir: {tmp_path / 'run'}, progress: false}}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={WORLD}",
+           "--max-restarts=1", "-m", "vla_rl.cli", "train", str(tmp_path / "train.yaml"), "dppo.update_epochs=1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and elapsed < 90, (elapsed, out)
+    summary = out[out.index("Root Cause"):]  # torchrun's failure summary names the rank and its exception
+    assert "rank      : 1" in summary and "rank 1: the simulator exploded" in summary, summary
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["iteration"] == 3
+    first_steps = []
+    for events in sorted((tmp_path / "run" / "tb").iterdir()):  # one file per attempt, written by rank 0
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        first_steps.append(acc.Scalars("perf/env_steps_per_s")[0].step)
+    assert len(first_steps) == 2 and first_steps[1] == 3 * first_steps[0]  # the restart went on from iteration 3

@@ -104,8 +104,17 @@ def setup(device: str = "cpu") -> Context:
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)  # before NCCL: one GPU per process, object collectives use it
-    dist.init_process_group(backend="nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s()))
+    backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s())
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    if restart != "0":
+        # A restart by torchrun (--max-restarts): the elastic agent's store still holds the previous attempt's
+        # peer addresses under the same keys, and the new ranks would connect to dead ones ("Connection refused",
+        # pytorch/pytorch#167288); this attempt's keys get their own prefix.
+        store, rank_, world_ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"vla_rl/attempt{restart}/", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world_, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return context()
 
 
