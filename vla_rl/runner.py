@@ -136,7 +136,7 @@ class Runner:
         if self.world > 1:
             self._sync_from_main(resume)
         self.outcomes = EpisodeOutcomes(self.env.num_envs)
-        self.divergence = DivergenceWatch(self.env.num_envs, rc.max_unstable_iters, total_envs=rc.num_envs)
+        self.divergence = DivergenceWatch(self.env.num_envs, rc.max_unstable_iters, total_envs=self.env.num_envs * self.world)
         self._pending_outcomes: dict[int, list] = {}  # iteration -> [successes, episodes, spoiled, ranks reported]
         self.writer = SummaryWriter(str(self.log_dir / "tb")) if self.rank == 0 else _NoWriter()
         self.gen = torch.Generator(device=self.policy.device).manual_seed(self.seed + 7919 * self.iteration)
@@ -150,8 +150,6 @@ class Runner:
         from its own RNG streams: those it saved, or fresh ones derived from the global seed when the world size
         changed since the checkpoint."""
         distributed.broadcast_module(self.policy)
-        for module in getattr(self.algo, "modules", lambda: [])():
-            distributed.broadcast_module(module)
         main = self.rank == 0
         opts = distributed.broadcast_object({n: o.state_dict() for n, o in self.algo.optimizers().items()} if main else None)
         extra = distributed.broadcast_object(self.algo.extra_state() if main else None)
