@@ -16,6 +16,7 @@ Wilson 95% intervals; the result is appended to ``<out>/results.jsonl``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -52,12 +53,27 @@ class OracleObs:
     def _obs(self, obs):
         return {**obs, "state": torch.cat([obs["state"], onehot(obs["instruction"]).to(obs["state"])], -1)}
 
+    @property
+    def spec(self):
+        return dataclasses.replace(self.env.spec, state_dim=self.env.spec.state_dim + len(WORDS))
+
     def reset(self, **kw):
         return self._obs(self.env.reset(**kw))
 
+    def reset_group(self, *args, **kw):
+        return self._obs(self.env.reset_group(*args, **kw))
+
     def step(self, action):
         obs, r, term, trunc, info = self.env.step(action)
+        if "final_obs" in info:
+            info = {**info, "final_obs": self._obs(info["final_obs"])}
         return self._obs(obs), r, term, trunc, info
+
+
+def place_oracle(num_envs: int, **options):
+    """Env spec ``bench_bc:place_oracle`` (with benchmarks/ on sys.path, as when a benchmark script runs):
+    `place` with the oracle parse of the instruction appended to ``state``, for RL runs from an oracle base."""
+    return OracleObs(make_env("place", num_envs, **options))
 
 
 def oracle_copy(src: str, dst: Path) -> Path:
