@@ -55,12 +55,15 @@ def _rank(opts: dict, out: str) -> None:
     runner.save = lambda path: path  # no checkpoint writes: the benchmark measures compute and communication
     runner.train()  # warm-up iteration
     distributed.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     comm0 = dict(distributed.COLLECTIVE_STATS)
     runner.rc.iterations = 1 + opts["iters"]
     runner.train()
     distributed.barrier()
     dt = time.perf_counter() - t0
+    # The CPU this rank got over the timed window (1.0 = a whole core): below 1 it waited for a core (a busy
+    # machine) or for the other rank in a collective (gloo waits without spinning).
+    cpu_share = distributed.gather_objects((time.process_time() - cpu0) / dt)
     comm = {k: distributed.COLLECTIVE_STATS[k] - comm0[k] for k in comm0}
     if ctx.rank == 0:
         steps = opts["iters"] * opts["decisions"] * opts["num_envs"] * cfg.exec_steps
@@ -68,6 +71,7 @@ def _rank(opts: dict, out: str) -> None:
                                          "rollout_env_steps_per_s": runner.last_env_steps_per_s,
                                          "collective_s_per_iter": comm["seconds"] / opts["iters"],
                                          "collectives_per_iter": comm["calls"] / opts["iters"],
+                                         "cpu_share_per_rank": cpu_share, "load_avg_1min": os.getloadavg()[0],
                                          "envs_per_rank": runner.env.num_envs}))
 
 
@@ -97,20 +101,25 @@ def main() -> None:
                 print(f"round {r + 1}: {name}: {res['env_steps_per_s']:.0f} env steps/s "
                       f"({res['env_steps']} steps in {res['seconds']:.2f} s; rollout alone "
                       f"{res['rollout_env_steps_per_s']:.0f}/s; rank 0 in collectives {res['collective_s_per_iter']:.2f} s "
-                      f"per iteration over {res['collectives_per_iter']:.0f} calls)", flush=True)
+                      f"per iteration over {res['collectives_per_iter']:.0f} calls; CPU per rank "
+                      f"{', '.join(f'{c:.2f}' for c in res['cpu_share_per_rank'])}; load average {res['load_avg_1min']:.1f})",
+                      flush=True)
     base = statistics.median(x["env_steps_per_s"] for x in runs[a.configs[0]])
     print(f"\n{a.num_envs} envs (global) x {a.decisions} decisions x 4 actions per iteration, {a.iters} timed "
           f"iterations per run, medians of {a.rounds} runs:")
     print("| configuration | envs per rank | env steps/s (full loop) | rollout env steps/s | s/iter in collectives "
-          "(rank 0) | vs first row |")
-    print("|---|---|---|---|---|---|")
+          "(rank 0) | CPU per rank (cores) | vs first row |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         med = statistics.median(x["env_steps_per_s"] for x in rs)
         roll = statistics.median(x["rollout_env_steps_per_s"] for x in rs)
         comm = statistics.median(x["collective_s_per_iter"] for x in rs)
         each = ", ".join(f"{x['env_steps_per_s']:.0f}" for x in rs)
-        print(f"| {name} | {rs[0]['envs_per_rank']} | {med:.0f} (runs: {each}) | {roll:.0f} | {comm:.2f} | "
+        cpu = statistics.median(c for x in rs for c in x["cpu_share_per_rank"])
+        print(f"| {name} | {rs[0]['envs_per_rank']} | {med:.0f} (runs: {each}) | {roll:.0f} | {comm:.2f} | {cpu:.2f} | "
               f"{med / base:.2f}x |")
+    loads = [x["load_avg_1min"] for rs in runs.values() for x in rs]
+    print(f"1-minute load average during the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
     if a.json:
         Path(a.json).write_text(json.dumps(runs, indent=1))
 
