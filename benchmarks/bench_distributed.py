@@ -37,7 +37,8 @@ def _rank(opts: dict, out: str) -> None:
     from vla_rl.policy import PolicyConfig, VLAPolicy
     from vla_rl.runner import Runner, RunnerConfig, TrainConfig
 
-    ctx = distributed.setup("cpu")
+    ctx = distributed.setup(opts["device"])
+    device = ctx.device(opts["device"])  # cuda -> cuda:<local rank>
     torch.set_num_threads(opts["threads"])
     probe = make_env("place", 1)
     spec = probe.spec
@@ -46,11 +47,11 @@ def _rank(opts: dict, out: str) -> None:
                        horizon=8, exec_steps=4, language_encoder="hash")
     cfg.noise.stochastic_steps = 5
     torch.manual_seed(0)
-    policy = VLAPolicy(cfg)
+    policy = VLAPolicy(cfg).to(device)
     tc = TrainConfig(algo="dppo", env={"task": "place"}, dppo=DPPOConfig(target_kl=0.0, kl_revert=0.0),
                      runner=RunnerConfig(iterations=1, num_envs=opts["num_envs"], steps_per_iter=opts["decisions"],
                                          eval_every=0, checkpoint_every=0, resume=False, progress=False,
-                                         log_dir=opts["log_dir"]))
+                                         log_dir=opts["log_dir"], device=opts["device"]))
     runner = Runner(tc, policy=policy)
     runner.save = lambda path: path  # no checkpoint writes: the benchmark measures compute and communication
     runner.train()  # warm-up iteration
@@ -82,6 +83,7 @@ def main() -> None:
     p.add_argument("--num-envs", type=int, default=32, help="global: split over the ranks")
     p.add_argument("--decisions", type=int, default=10)
     p.add_argument("--configs", nargs="+", default=["1 rank, 1 thread", "2 ranks, 1 thread each"], choices=list(CONFIGS))
+    p.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per rank (NCCL)")
     p.add_argument("--json", help="write every run's numbers here")
     a = p.parse_args()
 
@@ -93,7 +95,7 @@ def main() -> None:
             for name in a.configs:
                 ranks, threads = CONFIGS[name]
                 out = os.path.join(tmp, f"{r}-{ranks}-{threads}.json")
-                opts = {"threads": threads, "num_envs": a.num_envs, "decisions": a.decisions, "iters": a.iters,
+                opts = {"threads": threads, "device": a.device, "num_envs": a.num_envs, "decisions": a.decisions, "iters": a.iters,
                         "log_dir": os.path.join(tmp, f"run-{r}-{ranks}-{threads}")}
                 distributed.spawn(_rank, ranks, opts, out)
                 res = json.loads(Path(out).read_text())
