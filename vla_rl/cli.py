@@ -31,7 +31,8 @@ def _pretrain(args) -> None:
         overrides.append(f"out={args.out}")
     cfg = load_config(PretrainConfig, args.config or [], overrides)
     out = pretrain(cfg)
-    print(f"pretrained policy written to {out}")
+    if _is_rank0():
+        print(f"pretrained policy written to {out}")
 
 
 def _collect(args) -> None:
@@ -70,7 +71,8 @@ def _train(args) -> None:
     if not cfg.policy_path:
         raise ConfigError("policy_path is not set: the RL stage starts from a pretrained policy directory")
     run_dir = train(cfg)
-    print(f"run written to {run_dir} (TensorBoard: tensorboard --logdir {run_dir}/tb)")
+    if _is_rank0():
+        print(f"run written to {run_dir} (TensorBoard: tensorboard --logdir {run_dir}/tb)")
 
 
 def _eval(args) -> None:
@@ -249,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         _failed(e, 1)
         raise
     return status or 0
+
+
+def _is_rank0() -> bool:
+    """Under torchrun, rank 0 alone reports what the job wrote."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _process_name(command: str) -> str:
