@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vla_rl import distributed
 from vla_rl.policy.noise_actor import layer_norm_mlp
 
 
@@ -163,8 +164,11 @@ class DSRL:
         which the clock makes part of the state)."""
         self.replay.add(feat=feats, extra=extra, w=w.flatten(1), reward=reward - self.cfg.reward_offset, next_feat=next_feats,
                         next_extra=next_extra, done=terminal.float())
-        self.decisions += len(reward)
-        self._owed += self.cfg.utd * len(reward)
+        n = len(reward)
+        if distributed.enabled():  # every rank's decisions: all ranks owe the same gradient steps, in step
+            n = int(distributed.all_sum([n])[0])
+        self.decisions += n
+        self._owed += self.cfg.utd * n
 
     # ------------------------------------------------------------------ learning
     def q_values(self, critics, feat, extra, w) -> torch.Tensor:
@@ -186,6 +190,7 @@ class DSRL:
         critic_loss = 0.5 * ((q - target[None]) ** 2).sum(0).mean()
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
+        distributed.average_gradients(self.critics.parameters())  # ranks: the global batch's gradient
         self.critic_opt.step()
         # 3) actor (reparameterized through the squash)
         w, logp = self.actor.sample(b["feat"])
@@ -193,12 +198,14 @@ class DSRL:
         actor_loss = (alpha * logp - q_pi).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
+        distributed.average_gradients(self.actor.parameters())
         self.actor_opt.step()
         self.critic_opt.zero_grad(set_to_none=True)  # the actor's pass left gradients on the critics
         # 4) temperature
         alpha_loss = -(self.log_alpha * (logp.detach() + cfg.target_entropy)).mean()
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
+        distributed.average_gradients([self.log_alpha])
         self.alpha_opt.step()
         # 5) target networks
         with torch.no_grad():
@@ -211,16 +218,25 @@ class DSRL:
     def update(self, _buf=None) -> dict:
         """The gradient steps owed by the decisions observed since the last call (``utd`` per decision),
         once ``learning_starts`` decisions are in the buffer."""
-        if self.decisions < self.cfg.learning_starts or self.replay.size < self.cfg.batch_size:
+        # Several ranks: each samples batch_size / world from its own replay buffer (its own envs' decisions),
+        # so a gradient step averages over batch_size transitions as in one process.
+        batch = self.cfg.batch_size // distributed.world_size()
+        ready = self.decisions >= self.cfg.learning_starts and self.replay.size >= batch
+        if distributed.enabled():  # all ranks or none (a resumed rank > 0 refills its buffer first)
+            ready = distributed.all_max([0.0 if ready else 1.0])[0] == 0.0
+        if not ready:
             self._owed = 0.0
             return {}
         n = int(self._owed)
         self._owed -= n
         logs: dict[str, list] = {}
         for _ in range(n):
-            for k, v in self.gradient_step(self.replay.sample(self.cfg.batch_size, self.gen)).items():
+            for k, v in self.gradient_step(self.replay.sample(batch, self.gen)).items():
                 logs.setdefault(k, []).append(v)
-        return {k: sum(v) / len(v) for k, v in logs.items()} | {"grad_steps": float(n)}
+        out = {k: sum(v) / len(v) for k, v in logs.items()}
+        if distributed.enabled() and out:  # the logged means over every rank's batches
+            out = dict(zip(out, distributed.all_mean(list(out.values()))))
+        return out | {"grad_steps": float(n)}
 
     # ------------------------------------------------------------------ checkpoint state
     def optimizers(self) -> dict:

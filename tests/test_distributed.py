@@ -126,6 +126,29 @@ def _phases(tmp: str) -> None:
         assert states[0] != states[1]  # the ranks' envs draw different starts
         runner.writer.close()
 
+    # DSRL: every rank's replay holds its own envs' decisions; the ranks take the same gradient steps (counted
+    # from all ranks' decisions) on batch_size / 2 each and stay identical
+    from vla_rl.algos import DSRLConfig
+
+    cfg = _train_cfg(tmp / "dsrl", 2, eval_every=0, checkpoint_every=0, steps_per_iter=4)
+    cfg.algo = "dsrl"
+    cfg.dsrl = DSRLConfig(actor_hidden=[16], critic_hidden=[16], batch_size=8, learning_starts=8, utd=0.5,
+                          buffer_size=256)
+    runner = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
+    assert _same_on_all_ranks(runner.algo.critics) and _same_on_all_ranks(runner.policy.noise_actor)
+    runner.train()
+    assert runner.algo.decisions == 2 * 4 * 8 and runner.algo.grad_steps == 0.5 * 64  # utd x all ranks' decisions
+    assert runner.algo.replay.size == 2 * 4 * 4  # this rank's own decisions
+    assert _same_on_all_ranks(runner.algo.critics) and _same_on_all_ranks(runner.policy.noise_actor)
+    assert distributed.gather_objects(runner.algo.log_alpha.item())[0] == runner.algo.log_alpha.item()
+    assert runner.algo.log_alpha.item() != torch.tensor(cfg.dsrl.init_alpha).log().item()  # it was trained
+    cfg.runner.iterations = 3  # resumed: rank 0 gets its replay back from the checkpoint, rank 1 refills its own
+    resumed = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
+    assert resumed.algo.decisions == 64 and resumed.algo.replay.size == (32 if rank == 0 else 0)
+    assert _same_on_all_ranks(resumed.algo.critics) and _same_on_all_ranks(resumed.algo.targets)
+    resumed.train()
+    assert resumed.algo.grad_steps == 32 + 16 and _same_on_all_ranks(resumed.policy.noise_actor)
+
     # 3) uninterrupted 4 iterations, and 2 iterations + a resume to 4: checkpoints and TensorBoard by rank 0
     Runner(_train_cfg(tmp / "full", 4), policy=_policy()).train()
     Runner(_train_cfg(tmp / "part", 2), policy=_policy()).train()
@@ -301,7 +324,8 @@ def test_config_checks_name_the_problem(tmp_path):
         check_distributed(cfg, 2)
     cfg = _train_cfg(tmp_path, 1)
     cfg.algo = "dsrl"
-    with pytest.raises(ConfigError, match="algo=dsrl runs in one process"):
+    cfg.dsrl.batch_size = 5
+    with pytest.raises(ConfigError, match="dsrl.batch_size=5 must be divisible by the number of processes"):
         check_distributed(cfg, 2)
 
 

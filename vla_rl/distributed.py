@@ -311,6 +311,17 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
             t.copy_(x.to(t.device))
 
 
+@torch.no_grad()
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> None:
+    """Copy rank ``src``'s tensor ``t`` into every rank's, in place."""
+    if not enabled():
+        return
+    x = t.detach().to(_comm_device(t.device)).contiguous().clone()
+    with _collective(f"a broadcast from rank {src}"):
+        dist.broadcast(x, src=src)
+    t.copy_(x.to(t.device))
+
+
 def on_main(fn, *args, **kwargs):
     """Run ``fn`` on rank 0 only and return its result on every rank. An exception on rank 0 is raised on
     every rank with the same type and message (so the ranks stop together with the same named error instead

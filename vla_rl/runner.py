@@ -150,13 +150,22 @@ class Runner:
         from its own RNG streams: those it saved, or fresh ones derived from the global seed when the world size
         changed since the checkpoint."""
         distributed.broadcast_module(self.policy)
+        for module in (getattr(self.algo, "critics", None), getattr(self.algo, "targets", None)):  # DSRL's
+            if module is not None:
+                distributed.broadcast_module(module)
+        if getattr(self.algo, "log_alpha", None) is not None:
+            distributed.broadcast_tensor(self.algo.log_alpha)
         main = self.rank == 0
-        opts = distributed.broadcast_object({n: o.state_dict() for n, o in self.algo.optimizers().items()} if main else None)
+        # Moved to the CPU first: pickled CUDA tensors would be rebuilt on rank 0's GPU in every receiving rank.
+        opts = distributed.broadcast_object({n: _cpu(o.state_dict()) for n, o in self.algo.optimizers().items()}
+                                            if main else None)
         extra = distributed.broadcast_object(self.algo.extra_state() if main else None)
         if not main:
             for n, o in self.algo.optimizers().items():
                 o.load_state_dict(opts[n])
             self.algo.load_extra_state(extra)
+            if hasattr(self.algo, "gen"):  # DSRL's replay sampler: rank 0's state, then this rank's own stream
+                self.algo.gen.manual_seed(self.seed + 7919 * self.iteration)
         self.iteration, self.env_steps = distributed.broadcast_object((self.iteration, self.env_steps))
         if resume is None:
             return
@@ -287,10 +296,11 @@ class Runner:
             update_time += time.perf_counter() - tu
         self._cond_cache = (self.obs, cond)
         dt = time.perf_counter() - t0
-        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps
+        self.env_steps += rc.steps_per_iter * env.num_envs * pol.cfg.exec_steps * self.world  # all ranks' envs
         stats = {k: sum(v) / len(v) for k, v in logs.items()}
         stats["update_time"] = update_time
-        return stats, {"rollout_time": dt - update_time, "env_steps_per_s": n_exec / max(dt, 1e-9), **ep}
+        return stats, {"rollout_time": dt - update_time, "env_steps_per_s": n_exec / max(dt, 1e-9), "n_exec": n_exec,
+                       **ep}
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Path:
@@ -487,9 +497,9 @@ def check_distributed(cfg: TrainConfig, world: int) -> None:
     if rc.num_envs % world:
         raise ConfigError(f"runner.num_envs={rc.num_envs} must be divisible by the number of processes ({world}): "
                           f"each rank steps runner.num_envs / {world} envs")
-    if cfg.algo == "dsrl":
-        raise ConfigError(f"algo=dsrl runs in one process (its replay buffer and gradient steps per decision are not "
-                          f"data-parallel yet); launch it without torchrun, or use algo=dppo / rwr on {world} ranks")
+    if cfg.algo == "dsrl" and cfg.dsrl.batch_size % world:
+        raise ConfigError(f"dsrl.batch_size={cfg.dsrl.batch_size} must be divisible by the number of processes ({world}): "
+                          f"it is the global batch of a gradient step, each rank samples batch_size / {world} of it")
     local = rc.num_envs // world
     if rc.group_size > 0 and local % rc.group_size:
         raise ConfigError(f"runner.group_size={rc.group_size} must divide each rank's {local} envs "
@@ -507,6 +517,16 @@ def _rank_env_cfg(env_cfg: dict, rank: int) -> dict:
     if env_cfg.get("seed") is not None:
         env_cfg["seed"] = distributed.rank_seed(int(env_cfg["seed"]), rank)
     return env_cfg
+
+
+def _cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
 
 
 def _sum_int(x: int) -> int:
