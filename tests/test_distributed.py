@@ -290,6 +290,9 @@ def test_rank0_alone_writes_checkpoint_and_tensorboard(spawned):
     acc.Reload()
     assert [e.value for e in acc.Scalars("eval/episodes")] == [6.0, 6.0]  # 3 per rank, gathered
     assert "train/approx_kl" in acc.Tags()["scalars"] and "perf/env_steps_per_s" in acc.Tags()["scalars"]
+    # the unbiased success rate counts one episode per env of *both* ranks, once both have finished them
+    counts = [e.value for e in acc.Scalars("train/success_rate_episodes")]
+    assert counts and all(c == 8 for c in counts), counts
 
 
 def test_resume_reproduces_an_uninterrupted_run(spawned):

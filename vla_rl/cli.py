@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         _failed(e, 1)
         raise
+    if args.command in ("train", "pretrain"):  # leave the process group torchrun started (if any) cleanly
+        from .distributed import shutdown
+
+        shutdown()
     return status or 0
 
 
