@@ -10,8 +10,9 @@ What a rank does (``vla_rl.runner`` and ``vla_rl.pretrain`` call the helpers bel
   trained parameter are averaged over ranks (:func:`average_gradients`) before clipping and the optimizer
   step, so every rank applies the same step to the same weights;
 * every statistic that shapes the update (advantage normalization, the running reward scale, RWR's return
-  normalization, the approx KL that stops or reverts an update) and every logged number is reduced over
-  all ranks, so N ranks compute the update one process would compute on the concatenated batch;
+  normalization and episode count, the approx KL that stops or reverts an update, DSRL's decision count)
+  and every logged number is reduced over all ranks, so N ranks compute the update one process would
+  compute on the concatenated batch;
 * rank 0 alone writes TensorBoard and checkpoints; the others receive its weights and optimizer state at
   start (:func:`broadcast_module`, :func:`broadcast_object`), so they never read the checkpoint directory
   (no shared filesystem needed to resume).
@@ -23,7 +24,7 @@ process, so the single-process path runs exactly the code it ran before.
 Failure: collectives time out after ``VLA_RL_DIST_TIMEOUT`` seconds (default 600), so a rank that hangs
 ends the job instead of blocking it forever; a rank that raises exits, its peers' pending collectives fail
 (gloo: "connection closed by peer"; NCCL: the watchdog aborts), and torchrun stops the job and prints the
-failed rank's exception (``vla-rl`` records it with torch's ``@record``). With ``torchrun --max-restarts K``
+failed rank's exception (``vla-rl`` writes it to torchrun's error file). With ``torchrun --max-restarts K``
 the elastic agent restarts *all* ranks, which resume from the last checkpoint (runner.resume=true).
 """
 

@@ -89,6 +89,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     dataset = DemoDataset(episodes, horizon=cfg.policy.horizon, use_rgb=bool(cfg.policy.cameras))
     policy = build_policy_for_data(cfg, dataset).to(device)
     distributed.broadcast_module(policy)  # every rank starts from rank 0's weights (as DDP does)
+    if world > 1:  # the denoising loss's noise and timesteps: a stream per rank, not the same draws on each
+        torch.manual_seed(distributed.rank_seed(cfg.seed, ctx.rank))
     ema = copy.deepcopy(policy).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
