@@ -30,11 +30,19 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_s() -> float:
+    """Process CPU seconds (user + system, all threads): less sensitive than wall time to other jobs on a
+    shared machine (with 2 threads on 2 idle cores, wall time is about cpu_s / 2)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (Linux)
 
 
 def emit(row: dict, name: str) -> None:
+    row["loadavg_1m"] = round(os.getloadavg()[0], 1)  # the machine is shared: how busy it was at the end
     print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / f"vlm_{name}.jsonl", "a") as f:
@@ -79,17 +87,20 @@ def bench_tiny(args) -> None:
         runner = Runner(cfg, policy=policy, env=env)
         rows = []
         for _ in range(args.iters):  # one DPPO iteration = the runner's rollout + the algorithm's update
-            c0, t0 = calls[0], time.perf_counter()
+            c0, t0, u0 = calls[0], time.perf_counter(), cpu_s()
             buf, _ = runner.collect()
-            c1, t1 = calls[0], time.perf_counter()
+            c1, t1, u1 = calls[0], time.perf_counter(), cpu_s()
             runner.algo.update(buf)
-            rows.append((t1 - t0, time.perf_counter() - t1, c1 - c0, calls[0] - c1))
-        rollout_s, update_s, roll_calls, upd_calls = rows[-1]
+            rows.append((t1 - t0, time.perf_counter() - t1, c1 - c0, calls[0] - c1, u1 - u0, cpu_s() - u1))
+        timed = rows[1:] or rows  # the first iteration pays one-off costs
+        mid = sorted(timed, key=lambda r: r[0] + r[1])[len(timed) // 2]  # the median iteration
+        rollout_s, update_s, roll_calls, upd_calls, rollout_cpu, update_cpu = mid
         per_iter = rollout_s + update_s
         emit({"bench": "tiny_dppo", "family": args.family, "mode": args.mode, "train_encoders": args.train_encoders,
               "num_envs": args.num_envs, "steps_per_iter": args.steps, "update_epochs": args.epochs, "minibatches": 4,
               "image": args.image, "threads": args.threads, **counts, "iters": args.iters,
               "s_per_iter": round(per_iter, 3), "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3),
+              "rollout_cpu_s": round(rollout_cpu, 3), "update_cpu_s": round(update_cpu, 3),
               "vlm_forwards_rollout": roll_calls, "vlm_forwards_update": upd_calls,
               "decisions_per_iter": args.num_envs * args.steps, "peak_rss_gib": round(rss_gib(), 3)}, "tiny")
     finally:
@@ -180,25 +191,28 @@ def bench_step(args) -> None:
         rows = []
         for r in range(args.repeats):
             policy.vlm._cache.clear()
-            t0 = time.perf_counter()
+            t0, u0 = time.perf_counter(), cpu_s()
             with torch.no_grad():
                 chain = policy.sample(obs)  # rollout: one VLM forward, 10 head steps
-            t1 = time.perf_counter()
+            t1, u1 = time.perf_counter(), cpu_s()
             lp = policy.log_prob(obs, chain)  # update: cached features (frozen) or forward with grad (lora/full)
             loss = -lp.mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             t2 = time.perf_counter()
-            rows.append((t1 - t0, t2 - t1))
+            rows.append((t1 - t0, t2 - t1, u1 - u0, cpu_s() - u1))
         timed = rows[1:] or rows  # the first repeat pays one-off costs (allocator, kernels): reported apart
         sample_s = sorted(r[0] for r in timed)[len(timed) // 2]
         update_s = sorted(r[1] for r in timed)[len(timed) // 2]
+        sample_cpu = sorted(r[2] for r in timed)[len(timed) // 2]
+        update_cpu = sorted(r[3] for r in timed)[len(timed) // 2]
         emit({"bench": "step", "family": args.family, "size": args.size, "dtype": args.dtype, "mode": args.mode,
               "batch": b, "image": args.image, "cameras": 1, "threads": args.threads, **counts,
               "prompt_tokens": int(policy.vlm.hidden_states(obs["rgb"], obs["instruction"])[1].sum(1)[0]),
               "build_s": round(build_s, 1), "load_s": round(load_s, 1),
               "sample_s": round(sample_s, 3), "update_s": round(update_s, 3),
+              "sample_cpu_s": round(sample_cpu, 2), "update_cpu_s": round(update_cpu, 2),
               "first_sample_s": round(rows[0][0], 3), "peak_rss_gib": round(rss_gib(), 2)}, "step")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

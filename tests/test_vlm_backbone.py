@@ -77,16 +77,18 @@ def test_tiny_vlm_loads_from_its_directory_and_prints_counts(family, qwen_dir, g
     assert not torch.allclose(policy.encode(other), cond)
 
 
-@pytest.mark.parametrize("cache", [16384, 0])
-def test_vlm_runs_once_per_observation_not_per_denoising_step(qwen_dir, cache):
+@pytest.mark.parametrize("steps,cache", [(10, 4096), (10, 0), (30, 0)])
+def test_vlm_runs_once_per_observation_not_per_denoising_step(qwen_dir, steps, cache):
     torch.manual_seed(0)
-    policy = VLAPolicy(vlm_cfg(qwen_dir, "frozen", feature_cache=cache))
+    cfg = vlm_cfg(qwen_dir, "frozen", feature_cache=cache)
+    cfg.noise.sample_steps = steps
+    policy = VLAPolicy(cfg)
     calls = CountForward(policy)
     obs = obs_batch(3)
-    assert policy.noise.num_steps == 10 and len(policy.stochastic_indices) == 4
+    assert policy.noise.num_steps == steps and len(policy.stochastic_indices) == 4
     with torch.no_grad():
         chain = policy.sample(obs)
-    assert calls.n == 1  # 10 denoising steps, one VLM pass
+    assert calls.n == 1  # K denoising steps, one VLM pass
     lp = policy.log_prob(obs, chain)  # K' = 4 likelihoods
     assert lp.shape == (3, 4)
     for _ in range(3):  # the update's epochs / minibatches evaluate the same observations again
@@ -97,6 +99,18 @@ def test_vlm_runs_once_per_observation_not_per_denoising_step(qwen_dir, cache):
     # the cached features are the ones computed: the same log-likelihoods with and without the cache
     policy.cfg.vlm.feature_cache = 0
     torch.testing.assert_close(policy.log_prob(obs, chain), lp, rtol=0, atol=1e-5)
+
+
+def test_a_full_cache_warns_and_recomputes(qwen_dir, caplog):
+    torch.manual_seed(0)
+    policy = VLAPolicy(vlm_cfg(qwen_dir, "frozen", feature_cache=2))
+    calls = CountForward(policy)
+    obs = obs_batch(3)
+    with torch.no_grad():
+        a = policy.encode(obs)
+        b = policy.encode(obs)  # 3 observations, room for 2: the first was dropped and is recomputed
+    assert calls.n == 2 and "feature_cache=2 observations is full" in caplog.text
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_cache_is_dropped_when_the_vlm_weights_change(qwen_dir):

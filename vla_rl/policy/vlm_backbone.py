@@ -275,6 +275,7 @@ class VLMBackbone(nn.Module):
         self._cache: OrderedDict = OrderedDict()
         self._cache_key = None
         self._hash_weights: torch.Tensor | None = None
+        self._warned_eviction = False
         self.forward_calls = 0  # VLM forward passes run (tests and benchmarks count them)
         self.cache_hits = 0
 
@@ -359,6 +360,11 @@ class VLMBackbone(nn.Module):
         for k in keys:
             self._cache.move_to_end(k)
             rows.append(self._cache[k])
+        if len(self._cache) > self.cfg.feature_cache and not self._warned_eviction:
+            self._warned_eviction = True
+            log.warning("policy.vlm.feature_cache=%d observations is full: older features are dropped and the "
+                        "update recomputes them; keep it >= num_envs x steps_per_iter to run the VLM once per "
+                        "observation", self.cfg.feature_cache)
         while len(self._cache) > self.cfg.feature_cache:
             self._cache.popitem(last=False)
         return _pad_rows(rows)
