@@ -347,3 +347,6 @@ def test_copied_backbone_and_bf16_weights(qwen_dir, tmp_path):
     assert loaded.vlm.directory == out / "backbone" and loaded.cfg.vlm.revision == policy.cfg.vlm.revision
     with torch.no_grad():
         assert torch.equal(loaded.sample(obs, noise=noise).actions, ref)
+    shutil.rmtree(out / "backbone")
+    with pytest.raises(CheckpointError, match=f"VLM backbone directory {out / 'backbone'} does not exist"):
+        VLAPolicy.from_pretrained(out)
