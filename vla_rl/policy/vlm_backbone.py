@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..config import between, ge, gt, one_of, register_rules
+from ..config import ge, gt, one_of, register_rules
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class VLMConfig:
     layer: int = -1  # hidden-states index that feeds the projector (-1: the last layer, 0: the embeddings)
     tokens: int = 8  # conditioning tokens the learned queries pool the VLM's sequence into
     lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_alpha: int = 32  # (no LoRA dropout: the VLM always runs in eval mode, see VLMBackbone.train)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # "auto": float32 weights, bfloat16 autocast on CUDA, float32 compute on CPU (CPU bf16 matmuls are slow
     # on most CPUs); "bfloat16": bf16 weights and compute everywhere (half the memory); "float32": no autocast.
@@ -78,7 +77,7 @@ class VLMConfig:
 
 
 register_rules(VLMConfig, mode=one_of(*MODES), dtype=one_of(*DTYPES), tokens=gt(0), lora_r=gt(0), lora_alpha=gt(0),
-               lora_dropout=between(0, 1, hi_open=True), feature_cache=ge(0))
+               feature_cache=ge(0))
 
 
 def check_vlm_config(c: VLMConfig) -> None:
@@ -92,8 +91,6 @@ def check_vlm_config(c: VLMConfig) -> None:
         bad.append(f"policy.vlm.tokens must be >= 1, got {c.tokens}")
     if c.lora_r < 1 or c.lora_alpha <= 0:
         bad.append(f"policy.vlm.lora_r must be >= 1 and lora_alpha > 0, got {c.lora_r}, {c.lora_alpha}")
-    if not 0 <= c.lora_dropout < 1:
-        bad.append(f"policy.vlm.lora_dropout must be in [0, 1), got {c.lora_dropout}")
     if c.mode == "lora" and not c.lora_targets:
         bad.append("policy.vlm.lora_targets is empty: name the modules LoRA adapts (e.g. q_proj, v_proj)")
     if c.feature_cache < 0:
@@ -257,7 +254,7 @@ class VLMBackbone(nn.Module):
         if cfg.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                               target_modules=list(cfg.lora_targets))
             try:
                 model = get_peft_model(model, lora)
