@@ -355,8 +355,11 @@ def serve_main(args) -> None:
     if not (path / "manifest.json").exists() and (path / "config.yaml").exists():
         # A policy directory (e.g. one with a VLM backbone, which has no bundle): serve the torch policy
         # behind the same protocol; this needs torch and the training stack installed.
-        from .torch_runtime import TorchPolicyRuntime
-
+        try:
+            from .torch_runtime import TorchPolicyRuntime
+        except ImportError as e:
+            raise ServeError(f"{path} is a policy directory, not an exported bundle: serving it needs torch and "
+                             f"the training stack ({e}); or export a bundle with `vla-rl export`") from None
         runtime = TorchPolicyRuntime.load(path, task=getattr(args, "task", None),
                                           hold=_one(getattr(args, "hold", None)), device=getattr(args, "device", "cpu"),
                                           max_instruction_chars=args.max_instruction_chars)
