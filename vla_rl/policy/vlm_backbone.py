@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +258,9 @@ class VLMBackbone(nn.Module):
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                               target_modules=list(cfg.lora_targets))
             try:
-                model = get_peft_model(model, lora)
+                with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x (FutureWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    model = get_peft_model(model, lora)
             except ValueError as e:  # no module matched the targets
                 raise ValueError(f"policy.vlm.lora_targets={list(cfg.lora_targets)} match no module of {d}: {e}") from e
         for name, p in model.named_parameters():
