@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def oracle_copy(src: str, dst: Path) -> Path:
     """A copy of the demo file whose ``state`` arrays carry the oracle one-hot."""
     src_file = Path(src) if str(src).endswith(".hdf5") else Path(src) / "demos.hdf5"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(src_file) as f, h5py.File(dst, "w") as g:
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # renamed when whole: runs beside it may read dst
+    with h5py.File(src_file) as f, h5py.File(tmp, "w") as g:
         for k, v in f.attrs.items():
             g.attrs[k] = v
         g.attrs["state_dim"] = int(f.attrs["state_dim"]) + len(WORDS)
@@ -90,6 +92,7 @@ def oracle_copy(src: str, dst: Path) -> Path:
             del g[name]["state"]
             oh = onehot([f[name].attrs["instruction"]]).numpy().repeat(len(s), 0)
             g[name]["state"] = np.concatenate([s, oh], -1).astype(np.float32)
+    os.replace(tmp, dst)
     return dst
 
 
