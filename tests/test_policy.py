@@ -244,6 +244,26 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path, kind):
         "config.yaml", "model.safetensors", "normalization.json", "meta.json"}
 
 
+def test_builtin_policy_loads_whatever_vlm_options_its_config_names(tmp_path):
+    """A builtin-backbone policy never reads policy.vlm: a saved vlm section with options this version lacks
+    (written by another version) must not stop it loading; a bad key elsewhere still does."""
+    from omegaconf import OmegaConf
+
+    policy = perturbed_policy(tiny_config())
+    policy.save_pretrained(tmp_path / "ckpt")
+    cfg_file = tmp_path / "ckpt" / "config.yaml"
+    saved = OmegaConf.load(cfg_file)
+    saved.vlm.retired_option = 0.5
+    OmegaConf.save(saved, cfg_file)
+    obs = make_obs(3)
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(policy.value(obs), loaded.value(obs))
+    saved.retired_top_level = 1
+    OmegaConf.save(saved, cfg_file)
+    with pytest.raises(CheckpointError, match="retired_top_level"):
+        VLAPolicy.from_pretrained(tmp_path / "ckpt")
+
+
 def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         VLAPolicy.from_pretrained(tmp_path / "nope")

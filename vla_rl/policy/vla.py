@@ -414,7 +414,11 @@ class VLAPolicy(nn.Module):
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format_version')!r}")
         try:
-            cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(path / CONFIG_FILE), overrides)
+            saved = OmegaConf.load(path / CONFIG_FILE)
+            if saved.get("backbone", "builtin") == "builtin" and "vlm" in saved:
+                # Unused without the VLM: a builtin policy must not fail to load when the VLM options change.
+                del saved["vlm"]
+            cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), saved, overrides)
         except Exception as e:  # omegaconf raises several types; all mean a bad config file
             raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
         if cfg.backbone == "transformers" and cfg.vlm.path and not Path(cfg.vlm.path).is_absolute():
