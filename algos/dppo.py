@@ -363,12 +363,7 @@ class DPPO:
         out = {k: sum(v) / max(len(v), 1) for k, v in logs.items()}
         out["kl_reverted"] = float(reverted)
         if self.uses_critic:
-            y, p = flat["ret"], flat["value"]
-            if distributed.enabled():
-                out["explained_variance"] = distributed.explained_variance(y, p)
-            else:
-                var_y = y.var()
-                out["explained_variance"] = float("nan") if var_y == 0 else (1 - (y - p).var() / var_y).item()
+            out["explained_variance"] = distributed.explained_variance(flat["ret"], flat["value"])
         out["early_stop"] = float(stop)
         return out
 

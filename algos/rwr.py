@@ -53,6 +53,13 @@ class RWRConfig:
     demo_coef: float = 0.0  # weight of that BC term against the weighted loss (0 = no demos)
 
 
+def _minibatch_obs(td, instructions: list[str], idx: torch.Tensor) -> dict:
+    """The observations of rows ``idx`` of a ready batch, with their instructions, as the policy reads them."""
+    obs = {k: v for k, v in td["obs"][idx].items()}
+    obs["instruction"] = [instructions[i] for i in idx.tolist()]
+    return obs
+
+
 def rwr_weights(returns: torch.Tensor, beta: float, max_weight: float, normalize: bool = True) -> torch.Tensor:
     r = returns.float()
     if normalize and r.numel() * distributed.world_size() > 1:
@@ -158,9 +165,8 @@ class RWR:
                 if ranks:
                     loss, value = self._rank_loss(td, instructions, w, idx)
                 else:
-                    obs = {k: v for k, v in td["obs"][idx].items()}
-                    obs["instruction"] = [instructions[i] for i in idx.tolist()]
-                    per = self.policy.bc_loss(obs, td["actions"][idx], reduction="none")
+                    per = self.policy.bc_loss(_minibatch_obs(td, instructions, idx), td["actions"][idx],
+                                              reduction="none")
                     loss = (w[idx] * per).sum() / w[idx].sum()
                     if self.demos is not None:
                         loss = loss + self.cfg.demo_coef * self._demo_loss(len(idx))
@@ -207,8 +213,7 @@ class RWR:
         world = distributed.world_size()
         num = demo = None
         if len(idx):
-            obs = {k: v for k, v in td["obs"][idx].items()}
-            obs["instruction"] = [instructions[i] for i in idx.tolist()]
+            obs = _minibatch_obs(td, instructions, idx)
             num = (w[idx] * self.policy.bc_loss(obs, td["actions"][idx], reduction="none")).sum()
         if self.demos is not None:
             demo = self._demo_loss(max(1, len(idx)))
