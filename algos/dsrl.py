@@ -129,8 +129,8 @@ class DSRL:
         self.critics = nn.ModuleList(layer_norm_mlp(sizes) for _ in range(cfg.n_critics)).to(policy.device)
         self.targets = copy.deepcopy(self.critics).requires_grad_(False)
         self.log_alpha = torch.tensor(float(torch.tensor(cfg.init_alpha).log()), device=policy.device, requires_grad=True)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr, fused=True)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
         self.replay = ReplayBuffer(cfg.buffer_size, self.feature_dim, self.extra_dim, self.noise_dim)
         self.decisions, self.grad_steps, self._owed = 0, 0, 0.0

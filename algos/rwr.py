@@ -85,7 +85,7 @@ class RWR:
         self.cfg = cfg or RWRConfig()
         self.policy = policy
         refuse_steered(policy, "rwr")
-        self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr)
+        self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr, fused=True)
         self.iteration = 0
         self.pending: list[list[dict]] | None = None  # per env: segments of its running episode
         self.ready: list[dict] = []  # finished episodes since the last update

@@ -54,18 +54,19 @@ def dppo_config(**kw) -> DPPOConfig:
     return DPPOConfig(**base)
 
 
-def load_policy(pol_dir, algo: str, noise_overrides=None) -> VLAPolicy:
+def load_policy(pol_dir, algo: str, noise_overrides=None, head_dtype: str | None = None) -> VLAPolicy:
     kind = OmegaConf.load(Path(pol_dir) / "config.yaml").noise.kind
     noise = GAUSSIAN_NOISE if kind == "gaussian" else RWR_NOISE if algo == "rwr" else NOISE
-    return VLAPolicy.from_pretrained(pol_dir, noise={**noise, **(noise_overrides or {})})
+    extra = {"head_dtype": head_dtype} if head_dtype else {}
+    return VLAPolicy.from_pretrained(pol_dir, noise={**noise, **(noise_overrides or {})}, **extra)
 
 
 def rl_run(algo, pol_dir, task, budget, seed, num_envs, steps_per_iter, out, eval_episodes, threads,
            eval_every_steps=12_800, lr=None, dppo_overrides=None, group_size=0, workers=1, noise_overrides=None,
-           dsrl_overrides=None, minutes=0.0, tag=""):
+           dsrl_overrides=None, minutes=0.0, tag="", head_dtype=None):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    policy = load_policy(pol_dir, algo, noise_overrides)
+    policy = load_policy(pol_dir, algo, noise_overrides, head_dtype)
     per_iter = num_envs * steps_per_iter * policy.cfg.exec_steps
     iters = max(1, budget // per_iter)
     cfg = TrainConfig(algo=algo, dppo=dppo_config(**{"actor_lr": 3e-5 if lr is None else lr, **(dppo_overrides or {})}),
@@ -217,7 +218,7 @@ def cmd_run(a):
         res = sb3_run(a.task, a.budget, a.seed, a.eval_episodes, a.threads)
     elif a.algo == "pretrained":
         torch.set_num_threads(a.threads)
-        policy = load_policy(a.pretrained, "dppo", _overrides(a.noise))
+        policy = load_policy(a.pretrained, "dppo", _overrides(a.noise), a.head_dtype)
         ev = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, seed=a.seed + 100)
         det = evaluate(policy, make_env(a.task, 16, seed=a.seed + 100), a.eval_episodes, deterministic=True,
                        seed=a.seed + 100)
@@ -228,10 +229,10 @@ def cmd_run(a):
                      a.eval_episodes, a.threads, eval_every_steps=a.eval_every, lr=a.lr,
                      dppo_overrides=_overrides(a.dppo), group_size=a.group_size, workers=a.workers,
                      noise_overrides=_overrides(a.noise), dsrl_overrides=_overrides(a.dsrl), minutes=a.minutes,
-                     tag=a.tag)
+                     tag=a.tag, head_dtype=a.head_dtype)
     res.update(algo=a.algo, seed=a.seed, budget=a.budget, pretrained=a.pretrained, wall_s=time.time() - t0)
     res.update(variant=a.tag, dppo_overrides=_overrides(a.dppo), dsrl_overrides=_overrides(a.dsrl), noise_overrides=_overrides(a.noise), num_envs=a.num_envs,
-               steps_per_iter=a.steps_per_iter, threads=a.threads, workers=a.workers)
+               steps_per_iter=a.steps_per_iter, threads=a.threads, workers=a.workers, head_dtype=a.head_dtype)
     (out / f"result_{a.algo}{a.tag}_s{a.seed}.json").write_text(json.dumps(res, indent=1))
     print(f"{a.algo} seed {a.seed}: success {res['success']:.3f} ({res['wall_s']:.0f}s)", flush=True)
 
@@ -334,6 +335,7 @@ def main():
                    help="sampler overrides (NoiseConfig), e.g. init_scale=0")
     r.add_argument("--dsrl", nargs="*", default=[], metavar="KEY=VALUE", help="DSRLConfig overrides")
     r.add_argument("--minutes", type=float, default=0.0, help="stop training after this many wall-clock minutes")
+    r.add_argument("--head-dtype", default=None, help="policy.head_dtype for the run (default: the checkpoint's)")
     r.add_argument("--group-size", type=int, default=0, help="envs per group of identical starts (advantage=group)")
     r.add_argument("--tag", default="", help="suffix of the result file (variants of one algo)")
     r.add_argument("--out", default="runs/bench_learning")

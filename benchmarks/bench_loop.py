@@ -14,6 +14,7 @@ minibatches, head only). Every setup runs all 5 epochs (target KL off) so the wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,6 +25,13 @@ from vla_rl.envs import make_env
 from vla_rl.policy import PolicyConfig, VLAPolicy
 from vla_rl.runner import Runner, RunnerConfig, TrainConfig
 
+from bench_physics import former_physics  # benchmarks/, beside this script
+
+# Setups that run on the physics of issue 13's time (4 ms x 25 implicitfast steps per control step; today
+# 10 ms x 10 Euler, envs/tasks/scene.py), so that the side-by-side compares against the loop as it was.
+FORMER_PHYSICS = {"issue13", "preset_former"}
+
+
 # name -> (policy overrides, decisions per env per iteration, DPPO overrides)
 SETUPS = {
     "issue13": ({"head": "dit", "horizon": 8}, 10, {"train_encoders": True}),
@@ -32,6 +40,10 @@ SETUPS = {
     "mlp512": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 8}, 10, {}),
     "preset": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"}}, 32,
                {"num_minibatches": 8}),
+    "preset_former": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"}}, 32,
+                      {"num_minibatches": 8}),
+    "preset_bf16": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"},
+                     "head_dtype": "bfloat16"}, 32, {"num_minibatches": 8}),
     "gauss_h1": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 1, "exec_steps": 1,
                   "noise": {"kind": "gaussian", "sample_steps": 1}}, 128, {"num_minibatches": 8}),
 }
@@ -45,9 +57,10 @@ def apply(obj, overrides: dict) -> None:
             setattr(obj, k, v)
 
 
-def make_runner(setup: str, num_envs: int) -> tuple[Runner, int]:
+def make_runner(setup: str, num_envs: int, workers: int = 1) -> tuple[Runner, int]:
     policy_over, decisions, dppo_over = SETUPS[setup]
-    env = make_env("place", num_envs, seed=0)
+    with former_physics() if setup in FORMER_PHYSICS else contextlib.nullcontext():
+        env = make_env("place", num_envs, seed=0, workers=workers)
     cfg = PolicyConfig(action_dim=env.spec.action_dim, state_dim=env.spec.state_dim,
                        privileged_dim=env.spec.privileged_dim, exec_steps=4, language_encoder="hash")
     cfg.noise.stochastic_steps = 5
@@ -70,9 +83,10 @@ def main():
     p.add_argument("--iters", type=int, default=2, help="timed iterations per setup per round (after 1 warm-up)")
     p.add_argument("--num-envs", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="env worker processes (make_env(workers=W))")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    runners = {s: make_runner(s, a.num_envs) for s in a.setups}
+    runners = {s: make_runner(s, a.num_envs, a.workers) for s in a.setups}
     times = {s: {"collect": [], "update": []} for s in a.setups}
     for r, _ in runners.values():  # warm-up
         r.algo.update(r.collect()[0])

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+from math import comb
 
 import torch
 
@@ -51,16 +53,25 @@ def main():
     ap.add_argument("--init-scale", type=float, default=1.0)
     ap.add_argument("--std-floor", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--former-physics", action="store_true", help="the physics step used until stop 15 (bench_physics.py)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     policy = VLAPolicy.from_pretrained(a.policy, noise={"stochastic_steps": 5, "std_floor": a.std_floor,
                                                         "init_scale": a.init_scale})
-    counts = successes_per_start(policy, a.group, a.rounds, a.deterministic)
+    from bench_physics import former_physics  # benchmarks/, beside this script
+
+    with former_physics() if a.former_physics else contextlib.nullcontext():
+        counts = successes_per_start(policy, a.group, a.rounds, a.deterministic)
     n, hist = len(counts), collections.Counter(counts)
     print(f"{a.policy} (deterministic={a.deterministic}, init_scale={a.init_scale}, std_floor={a.std_floor}): "
           f"{n} starts x {a.group} rollouts, success {sum(counts) / (n * a.group):.3f}")
     print("starts by successes:", {k: hist[k] for k in range(a.group + 1)})
     print(f"never {hist[0] / n:.2f}, always {hist[a.group] / n:.2f}, contested {1 - (hist[0] + hist[a.group]) / n:.2f}")
+    # The ceiling of a noise picker that tries g draws per start: the chance that g of the G rollouts (drawn
+    # without replacement) hold a success, averaged over starts.
+    best = {g: sum(1 - comb(a.group - c, g) / comb(a.group, g) for c in counts) / n
+            for g in (1, 2, 4, 8, 16, 32, 64) if g <= a.group}
+    print("solved by at least one of g draws:", ", ".join(f"g={g}: {v:.2f}" for g, v in best.items()))
 
 
 if __name__ == "__main__":

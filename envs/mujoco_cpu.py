@@ -20,7 +20,7 @@ from . import randomization as rnd
 from .base import BatchedEnv, EnvError, EnvSpec, Obs
 from .mujoco_install import import_mujoco
 from .tasks import Task, TaskState, task_observation
-from .tasks.scene import COLORS, FINGER_MAX, FINGER_PAD, NUM_TABLE_TEXTURES, TIMESTEP
+from .tasks.scene import COLORS, FINGER_MAX, FINGER_PAD, NUM_TABLE_TEXTURES
 
 mujoco = import_mujoco()  # a half-downgraded install is named with its one-line fix
 
@@ -65,7 +65,7 @@ class MujocoCPUEnv(BatchedEnv):
             self.rand = (randomization if isinstance(randomization, rnd.RandomizationConfig)
                          else rnd.RandomizationConfig.from_dict(randomization))
         self.state_includes_objects = (not self.cameras) if state_includes_objects is None else state_includes_objects
-        self.substeps = int(round(1.0 / (CONTROL_HZ * TIMESTEP)))
+        self.substeps = int(round(1.0 / (CONTROL_HZ * self.base_model.opt.timestep)))  # the scene's own step
         self._resolve_ids()
         nh, no, nc = len(task.hands), len(task.objects), len(task.containers)
         state_names = [f"{h.name}_{k}" for h in task.hands for k in ("tcp_x", "tcp_y", "tcp_z", "gap")]

@@ -23,8 +23,8 @@ randomization config) drive it; only the stepping differs:
 Cost on warp's CPU device (2-core CI-class VM, ``benchmarks/bench_warp.py --task toy``, 3-joint arm +
 cube, 10 substeps): 1.4k physics steps/s at 8 worlds, 9k at 64, 24k at 256 (Python launch overhead
 dominates: ~6 ms per ``mjw.step`` at 8 worlds), vs ~110k for a MuJoCo C loop; rendering one 64x64
-camera costs ~0.8 ms per world per frame, 128x128 ~3 ms. Built-in ``lift`` (25 substeps): 2k physics
-steps/s at 64 worlds vs 38k for the CPU backend. On CPU it is for tests; the point is the
+camera costs ~0.8 ms per world per frame, 128x128 ~3 ms. Built-in ``lift`` (then 25 substeps of 4 ms; 10 of
+10 ms since stop 15): 2k physics steps/s at 64 worlds vs 38k for the CPU backend. On CPU it is for tests; the point is the
 CUDA path. A reset costs one ``mjw.forward`` over all worlds (about one physics step) per control step
 in which any world resets. The first step compiles the kernels (~30-40 s cold, cached in
 ``~/.cache/warp``; ~3 min on first CUDA use).

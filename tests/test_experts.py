@@ -29,6 +29,13 @@ def test_collect_demos(tmp_path):
     assert any(verb in e["instruction"] for verb in ("pick", "lift", "grab")), e["instruction"]
 
 
+def test_expert_under_heldout_dynamics():
+    """The physics step (envs/tasks/scene.py: 10 ms Euler) keeps grasps under the held-out dynamics ranges."""
+    heldout = {"split": "heldout", "dynamics": {"friction": [0.6, 1.4], "mass": [0.6, 1.6], "damping": [0.7, 1.3],
+                                                "actuator_gain": [0.8, 1.2]}}
+    assert evaluate_expert("place", num_episodes=24, num_envs=24, noise=0.1, seed=2, randomization=heldout) >= 0.9
+
+
 def test_expert_with_arm():
     assert evaluate_expert("place", num_episodes=16, num_envs=16, seed=0, arm=True) >= 0.9
 

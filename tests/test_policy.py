@@ -71,6 +71,60 @@ def test_log_prob_is_exact_gaussian_of_each_transition(kind, stochastic_steps):
     torch.testing.assert_close(chain.log_prob, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["mlp", "dit"])
+def test_bfloat16_head_keeps_stored_and_recomputed_likelihoods_equal(head):
+    """head_dtype=bfloat16: the rollout's stored log-likelihoods equal the update's recomputation in another
+    batch layout (so PPO's ratio starts at exactly 1), the chunk stays within bf16 rounding of float32, and
+    BC gradients reach the float32 weights."""
+    cfg = tiny_config("flow", stochastic_steps=3, head=head, head_dtype="bfloat16")
+    policy = perturbed_policy(cfg)
+    obs = make_obs(12)
+    noise = torch.randn(12, cfg.noise.sample_steps + 1, 4, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        chain = policy.sample(obs, noise=noise)
+        perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+        sub = {"state": obs["state"][perm[:5]], "instruction": [obs["instruction"][i] for i in perm[:5]]}
+        recomputed = policy.log_prob(sub, Chain(chain.actions[perm[:5]], chain.latents[perm[:5]], chain.log_prob[perm[:5]]))
+        policy.cfg.head_dtype = "float32"
+        ref = policy.sample(obs, noise=noise)
+        policy.cfg.head_dtype = "bfloat16"
+    assert chain.log_prob.dtype == torch.float32
+    assert torch.equal(recomputed, chain.log_prob[perm[:5]])
+    assert not torch.equal(chain.actions, ref.actions)  # bf16 really ran
+    torch.testing.assert_close(chain.actions, ref.actions, atol=0.05, rtol=0)
+    loss = policy.bc_loss(obs, chain.actions)
+    loss.backward()
+    assert all(p.dtype == torch.float32 for p in policy.head.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.head.parameters() if p.requires_grad)
+
+
+def test_bfloat16_mish_is_mish_with_its_exact_gradient():
+    from vla_rl.policy.dit import Mish, _Bfloat16Mish
+
+    x = torch.linspace(-30, 30, 601, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_Bfloat16Mish.apply(x), torch.nn.functional.mish(x), atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(_Bfloat16Mish.apply, (x[::7].detach().requires_grad_(),))
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(Mish()(xb).float(), torch.nn.functional.mish(xb.float()), atol=0.125, rtol=0.01)
+
+
+def test_head_dtype_auto_follows_the_hardware():
+    from vla_rl.policy.vla import bfloat16_head
+
+    cpu = torch.device("cpu")
+    assert bfloat16_head("bfloat16", cpu) and not bfloat16_head("float32", cpu)
+    assert bfloat16_head("auto", cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_head_dtype_is_checked():
+    from vla_rl.config import ConfigError, check_values
+
+    with pytest.raises(ValueError, match="head_dtype"):
+        VLAPolicy(tiny_config(head_dtype="float16"))
+    with pytest.raises(ConfigError, match="head_dtype"):
+        check_values(tiny_config(head_dtype="float16"))
+
+
 @pytest.mark.parametrize("kind", ["ddim", "flow"])
 def test_sampler_draws_from_the_density_it_reports(kind):
     """Empirical mean/std of the last transition, over many draws from one state, match the model's."""

@@ -59,6 +59,7 @@ def _heads_divide(c: DiTConfig):
 register_rules(PolicyConfig, action_dim=pos, state_dim=pos, privileged_dim=ge(0), horizon=pos, exec_steps=pos,
                image_size=sizes(), image_channels=sizes(), image_tokens=pos, language_encoder=one_of("auto", "minilm", "hash"),
                language_dim=pos, language_buckets=pos, fusion_layers=ge(0), head=one_of("dit", "mlp"), critic_hidden=sizes(),
+               head_dtype=one_of("float32", "bfloat16", "auto"),
                checks=(_exec_within_horizon,))
 register_rules(NoiseConfig, kind=one_of("ddim", "flow", "gaussian"), prediction=one_of("epsilon", "sample"), train_steps=pos, sample_steps=pos, eta=ge(0), std_floor=ge(0),
                stochastic_steps=ge(0), clip_sample=ge(0), init_scale=ge(0), checks=(_stochastic_within_k,))

@@ -252,6 +252,7 @@ def export_bundle(
     # A CPU eval copy: the caller's policy (maybe on GPU, in train mode) is left untouched. A frozen
     # early head (DPPO) is part of the weights and runs the early steps in the graph too.
     policy = copy.deepcopy(policy).cpu().eval()
+    policy.cfg.head_dtype = "float32"  # the bundle computes in float32; parity is checked against that
     noise_cfg = cfg.noise
     if denoising_steps is not None and denoising_steps != noise_cfg.sample_steps:
         noise_cfg = dataclasses.replace(noise_cfg, sample_steps=int(denoising_steps),

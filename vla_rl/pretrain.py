@@ -99,7 +99,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     n, batch_size = len(dataset), min(cfg.batch_size, len(dataset))
     gen = torch.Generator().manual_seed(cfg.seed)
     params = policy.actor_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = Path(cfg.out)
     writer = SummaryWriter(cfg.log_dir or str(out.parent / f"{out.name}_tb")) if main else None

@@ -96,6 +96,13 @@ class PolicyConfig:
     # tokens) or "mlp" (a residual MLP over the flattened chunk and observation tokens, DPPO's head for
     # state-based tasks; see BENCHMARKS.md "Behaviour cloning" for how the two compare on `place`).
     head: str = "dit"
+    # The dtype the action head's matrix products run in (torch.autocast). The weights, the optimizer state,
+    # the chain's latents and every likelihood stay float32, and the head's output is cast back to float32
+    # before the denoising update reads it. "bfloat16" runs the head's matmuls at 4.5x the float32 rate on a
+    # CPU with AVX512-BF16 (this repo's dev machine; BENCHMARKS.md "bfloat16 action head") and on any recent
+    # GPU; an exported bundle always computes in float32. "auto": bfloat16 where the device has it natively
+    # (a CUDA GPU that supports it, a CPU with oneDNN's bfloat16 path), else float32 -- the presets use it.
+    head_dtype: str = "float32"
     dit: DiTConfig = field(default_factory=DiTConfig)
     mlp_head: MLPHeadConfig = field(default_factory=lambda: MLPHeadConfig())
     noise: NoiseConfig = field(default_factory=NoiseConfig)

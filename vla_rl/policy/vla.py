@@ -13,6 +13,7 @@ What the RL algorithms use (and nothing else):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,22 @@ class Critic(nn.Module):
         return self.net(torch.cat(parts, -1)).squeeze(-1)
 
 
+HEAD_DTYPES = ("float32", "bfloat16", "auto")
+
+
+def bfloat16_head(head_dtype: str, device: torch.device) -> bool:
+    """Whether ``policy.head_dtype`` runs the head in bfloat16 on ``device``; "auto": where the hardware has
+    native bfloat16 (a CUDA GPU that supports it, a CPU with oneDNN's bfloat16 path: AVX512 or AMX)."""
+    return head_dtype == "bfloat16" or (head_dtype == "auto" and _native_bfloat16(device.type))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bfloat16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class VLAPolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
@@ -96,6 +113,8 @@ class VLAPolicy(nn.Module):
         self.normalizer = Normalizer(cfg.action_dim, cfg.state_dim)
         if cfg.backbone not in ("builtin", "transformers"):
             raise ValueError(f"policy.backbone must be 'builtin' or 'transformers', got {cfg.backbone!r}")
+        if cfg.head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"policy.head_dtype must be one of {HEAD_DTYPES}, got {cfg.head_dtype!r}")
         self.vlm = None
         if cfg.backbone == "transformers":  # the VLM reads the cameras and the instruction (vlm_backbone.py)
             if not cfg.cameras:
@@ -250,6 +269,17 @@ class VLAPolicy(nn.Module):
             return self.early_head
         return self.head
 
+    def run_head(self, head: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One evaluation of an action head with its matmuls in ``cfg.head_dtype``; the output is float32.
+
+        bfloat16 rounds the head's activations, not its float32 master weights; a row's result does not
+        depend on the batch it is computed in (tests/test_policy.py), so the log-likelihood the rollout
+        stores and the one the update recomputes at the same weights still agree exactly."""
+        if not bfloat16_head(self.cfg.head_dtype, self.device):
+            return head(x, t, cond)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return head(x, t, cond).float()
+
     def sample(self, obs: dict, deterministic: bool = False, generator=None, noise: torch.Tensor | None = None,
                init_noise: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> Chain:
         """Draw an action chunk. ``noise`` [B, K+1, H, A] fixes x_0 and every step's Gaussian draw.
@@ -277,7 +307,7 @@ class VLAPolicy(nn.Module):
         for k in range(K):
             kk = torch.full((b,), k, device=cond.device, dtype=torch.long)
             is_stoch = k in stochastic
-            out = self.head_for_step(k)(x, self.noise.model_time(kk), cond)
+            out = self.run_head(self.head_for_step(k), x, self.noise.model_time(kk), cond)
             mean, std = self.noise.transition(out, x, kk, is_stoch)
             if is_stoch:
                 latents.append(x)
@@ -302,7 +332,7 @@ class VLAPolicy(nn.Module):
         x_in = chain.latents[:, :-1].flatten(0, 1)  # [B*K', H, A], b-major
         x_out = chain.latents[:, 1:].flatten(0, 1)
         k = torch.tensor(idx, device=cond.device).repeat(b)
-        out = self.head(x_in, self.noise.model_time(k), cond.repeat_interleave(n, 0))
+        out = self.run_head(self.head, x_in, self.noise.model_time(k), cond.repeat_interleave(n, 0))
         mean, std = self.noise.transition(out, x_in, k, stochastic=True)
         lp = gaussian_log_prob(x_out, mean, std, reduce=not per_dim)
         return lp.view(b, n, *lp.shape[1:])
@@ -357,7 +387,7 @@ class VLAPolicy(nn.Module):
         cond = self.encode(obs)
         x0 = self.normalizer.normalize_action(actions.to(cond.device, torch.float32))
         x_t, t, target = self.noise.training_target(x0, generator)
-        err = (self.head(x_t, t, cond) - target).pow(2).mean(-1)  # [B, H]
+        err = (self.run_head(self.head, x_t, t, cond) - target).pow(2).mean(-1)  # [B, H]
         mask = torch.ones_like(err) if mask is None else mask.to(err.device, torch.float32)
         if reduction == "none":
             return (err * mask).sum(1) / mask.sum(1).clamp(min=1)
