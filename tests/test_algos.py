@@ -87,10 +87,16 @@ def test_clip_varies_along_chain():
     assert torch.allclose(flat.clip_coefs(4, "cpu"), torch.full((4,), 0.1))
 
 
+@pytest.mark.parametrize("head_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("logprob", ["joint", "mean_executed"])
-def test_ratio_is_one_before_update(logprob):
+def test_ratio_is_one_before_update(logprob, head_dtype):
     torch.manual_seed(0)
-    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+    cfg = toy_policy_cfg(stochastic_steps=3)
+    cfg.head_dtype = head_dtype
+    pol = VLAPolicy(cfg)
+    with torch.no_grad():  # a fresh DiT head outputs zeros (adaLN-zero): give it weights that matter
+        for p in pol.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     algo = DPPO(pol, DPPOConfig(logprob=logprob))  # freezes the early steps, as in training
     obs, _ = toy_demos(16, 4)
     with torch.no_grad():

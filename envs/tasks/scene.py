@@ -20,7 +20,7 @@ FINGER_PAD = 0.005  # half thickness of a finger box: gap = 2 * (FINGER_PAD + q)
 FINGER_MAX = 0.04  # finger joint range [0, FINGER_MAX]
 GRASP_OFFSET = 0.045  # hand z above the grasped object's centre
 # Physics: 10 ms Euler steps, 10 per 10 Hz control step. Measured against the former 4 ms x 25 implicitfast
-# (BENCHMARKS.md "Physics step"): 2.6x cheaper per env step, and every scripted expert keeps its success
+# (BENCHMARKS.md "Speed of the loop: the physics step ..."): 2.2-2.4x cheaper per env step, and every scripted expert keeps its success
 # (lift / place / handover at action noise 0, 0.1, 0.2 and under the training and held-out dynamics
 # randomization, place with the arm). implicitfast at 10 ms lost grasps under randomization (issue 13).
 TIMESTEP = 0.01

@@ -272,9 +272,10 @@ class VLAPolicy(nn.Module):
     def run_head(self, head: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """One evaluation of an action head with its matmuls in ``cfg.head_dtype``; the output is float32.
 
-        bfloat16 rounds the head's activations, not its float32 master weights; a row's result does not
-        depend on the batch it is computed in (tests/test_policy.py), so the log-likelihood the rollout
-        stores and the one the update recomputes at the same weights still agree exactly."""
+        bfloat16 rounds the head's activations, not its float32 master weights. On the CPU (oneDNN) a row's
+        result does not depend on the batch it is computed in (tests/test_policy.py), so the likelihood the
+        rollout stores and the one the update recomputes at the same weights agree exactly; a GPU library
+        that picks kernels by batch size may leave them within bfloat16 rounding of each other instead."""
         if not bfloat16_head(self.cfg.head_dtype, self.device):
             return head(x, t, cond)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
