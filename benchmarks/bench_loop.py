@@ -40,13 +40,11 @@ SETUPS = {
     "mlp512": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 8}, 10, {}),
     "preset": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"}}, 32,
                {"num_minibatches": 8}),
-    "preset_former": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"}}, 32,
-                      {"num_minibatches": 8}),
-    "preset_bf16": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 4, "noise": {"kind": "flow"},
-                     "head_dtype": "bfloat16"}, 32, {"num_minibatches": 8}),
     "gauss_h1": ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 1, "exec_steps": 1,
                   "noise": {"kind": "gaussian", "sample_steps": 1}}, 128, {"num_minibatches": 8}),
 }
+SETUPS["preset_former"] = SETUPS["preset"]  # on the former physics (FORMER_PHYSICS)
+SETUPS["preset_bf16"] = ({**SETUPS["preset"][0], "head_dtype": "bfloat16"}, *SETUPS["preset"][1:])
 
 
 def apply(obj, overrides: dict) -> None:

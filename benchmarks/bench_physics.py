@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from vla_rl.envs import make_env
 from vla_rl.envs.experts import evaluate_expert
@@ -34,12 +36,12 @@ def former_physics():
         scene.TIMESTEP, scene.INTEGRATOR = saved
 
 
-# The training preset's dynamics ranges (narrower) and configs/randomization/heldout.yaml's.
+# Narrower training ranges, and the dynamics of configs/randomization/heldout.yaml.
+_HELDOUT = OmegaConf.load(Path(__file__).parents[1] / "configs/randomization/heldout.yaml").randomization.dynamics
 RANDOMIZATION = {
     "none": None,
     "train": {"dynamics": {"friction": [0.8, 1.2], "mass": [0.8, 1.3], "damping": [0.85, 1.15], "actuator_gain": [0.9, 1.1]}},
-    "heldout": {"split": "heldout", "dynamics": {"friction": [0.6, 1.4], "mass": [0.6, 1.6], "damping": [0.7, 1.3],
-                                                 "actuator_gain": [0.8, 1.2]}},
+    "heldout": {"split": "heldout", "dynamics": OmegaConf.to_container(_HELDOUT)},
 }
 CASES = [(0.0, "none"), (0.1, "none"), (0.2, "none"), (0.1, "train"), (0.1, "heldout")]
 

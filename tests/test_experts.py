@@ -31,8 +31,12 @@ def test_collect_demos(tmp_path):
 
 def test_expert_under_heldout_dynamics():
     """The physics step (envs/tasks/scene.py: 10 ms Euler) keeps grasps under the held-out dynamics ranges."""
-    heldout = {"split": "heldout", "dynamics": {"friction": [0.6, 1.4], "mass": [0.6, 1.6], "damping": [0.7, 1.3],
-                                                "actuator_gain": [0.8, 1.2]}}
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.load(Path(__file__).parents[1] / "configs/randomization/heldout.yaml").randomization
+    heldout = {"split": "heldout", "dynamics": OmegaConf.to_container(preset.dynamics)}
     assert evaluate_expert("place", num_episodes=24, num_envs=24, noise=0.1, seed=2, randomization=heldout) >= 0.9
 
 

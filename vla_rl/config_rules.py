@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vla_rl.algos import DPPOConfig, DSRLConfig, RWRConfig
 from vla_rl.config import ConfigError, Rule, between, check_values, device, ge, gt, one_of, register_rules, sizes
 from vla_rl.envs import EnvConfig, EnvError, GymConfig, env_spec_kind
-from vla_rl.policy.config import DIT_SIZES, DiTConfig, MLPHeadConfig, NoiseActorConfig, NoiseConfig, PolicyConfig
+from vla_rl.policy.config import DIT_SIZES, HEAD_DTYPES, DiTConfig, MLPHeadConfig, NoiseActorConfig, NoiseConfig, PolicyConfig
 from vla_rl.pretrain import PretrainConfig
 from vla_rl.runner import RunnerConfig, TrainConfig
 
@@ -59,7 +59,7 @@ def _heads_divide(c: DiTConfig):
 register_rules(PolicyConfig, action_dim=pos, state_dim=pos, privileged_dim=ge(0), horizon=pos, exec_steps=pos,
                image_size=sizes(), image_channels=sizes(), image_tokens=pos, language_encoder=one_of("auto", "minilm", "hash"),
                language_dim=pos, language_buckets=pos, fusion_layers=ge(0), head=one_of("dit", "mlp"), critic_hidden=sizes(),
-               head_dtype=one_of("float32", "bfloat16", "auto"),
+               head_dtype=one_of(*HEAD_DTYPES),
                checks=(_exec_within_horizon,))
 register_rules(NoiseConfig, kind=one_of("ddim", "flow", "gaussian"), prediction=one_of("epsilon", "sample"), train_steps=pos, sample_steps=pos, eta=ge(0), std_floor=ge(0),
                stochastic_steps=ge(0), clip_sample=ge(0), init_scale=ge(0), checks=(_stochastic_within_k,))

@@ -68,6 +68,9 @@ class NoiseActorConfig:
     log_std_max: float = 2.0
 
 
+HEAD_DTYPES = ("float32", "bfloat16", "auto")  # policy.head_dtype
+
+
 @dataclass
 class PolicyConfig:
     action_dim: int = 4

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import CheckpointError, read_json, require_files, write_dir_atomically
-from .config import PolicyConfig
+from .config import HEAD_DTYPES, PolicyConfig
 from .dit import DiTActionHead, MLPActionHead
 from .encoders import ImageEncoder, LanguageEncoder, mlp
 from .vlm_backbone import VLMBackbone, revision_hash
@@ -82,9 +82,6 @@ class Critic(nn.Module):
         if self.images is not None:
             parts.append(self.images(rgb).flatten(1))
         return self.net(torch.cat(parts, -1)).squeeze(-1)
-
-
-HEAD_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def bfloat16_head(head_dtype: str, device: torch.device) -> bool:
