@@ -45,6 +45,14 @@ SETUPS = {
 }
 SETUPS["preset_former"] = SETUPS["preset"]  # on the former physics (FORMER_PHYSICS)
 SETUPS["preset_bf16"] = ({**SETUPS["preset"][0], "head_dtype": "bfloat16"}, *SETUPS["preset"][1:])
+# DPPO fine-tuning only the last transition (K' = 1): an update over one transition per decision, not five.
+SETUPS["preset_bf16_k1"] = ({**SETUPS["preset_bf16"][0], "noise": {"kind": "flow", "stochastic_steps": 1}},
+                            *SETUPS["preset"][1:])
+# The same update (4,096 env steps in 8 minibatches) collected by 64 envs x 16 decisions in 2 env worker
+# processes: larger chain-sampling batches, and the physics of half the envs beside the policy's work.
+SETUPS["preset_bf16_k1_64x2"] = (SETUPS["preset_bf16_k1"][0], 16, SETUPS["preset"][2])
+# setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
+ENVS = {"preset_bf16_k1_64x2": (64, 2)}
 
 
 def apply(obj, overrides: dict) -> None:
@@ -84,7 +92,7 @@ def main():
     p.add_argument("--workers", type=int, default=1, help="env worker processes (make_env(workers=W))")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    runners = {s: make_runner(s, a.num_envs, a.workers) for s in a.setups}
+    runners = {s: make_runner(s, *ENVS.get(s, (a.num_envs, a.workers))) for s in a.setups}
     times = {s: {"collect": [], "update": []} for s in a.setups}
     for r, _ in runners.values():  # warm-up
         r.algo.update(r.collect()[0])

@@ -64,4 +64,6 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert main(["demo", *small]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["num_episodes"] == 4 and summary["after"]["num_episodes"] == 4
+    # the deterministic chain's success, and the RL sampler's on the same episodes
+    assert summary["before"]["sampled"]["num_episodes"] == 4 and summary["after"]["sampled"]["num_episodes"] == 4
     assert "before RL" in capsys.readouterr().out

@@ -22,3 +22,8 @@ def test_preset_loads(path):
         assert cfg.algo in ("dppo", "rwr", "dsrl")
     else:
         load_config(SCHEMAS[kind], [path])
+
+
+def test_demo_preset_is_the_default_demo():
+    """`vla-rl demo` and `vla-rl demo --config configs/demo/place.yaml` run the same job."""
+    assert load_config(DemoConfig, [CONFIGS / "demo" / "place.yaml"]) == DemoConfig()

@@ -24,15 +24,25 @@ from .runner import RunnerConfig, TrainConfig, train
 
 
 def _demo_policy() -> PolicyConfig:
-    # The BC recipe measured best on `place` (configs/pretrain/default.yaml): MLP action head, learned
-    # word-hash language, chunks of 4 executed whole, rectified flow (reads the instruction at any demo count).
-    # head_dtype auto: bfloat16 matmuls where the CPU/GPU has them (1.8x faster BC at equal success, BENCHMARKS.md).
-    cfg = PolicyConfig(horizon=4, exec_steps=4, language_encoder="hash", head="mlp", head_dtype="auto")
+    # The BC recipe of configs/pretrain/default.yaml (MLP action head, learned word-hash language, rectified
+    # flow, bfloat16 matmuls where the hardware has them) in the shape RL fine-tunes best on `place`: one action
+    # per decision and no transformer trunk, the head reading the projected state and language tokens. On 50
+    # demos only that shape let PPO gain (chunks lost ground, the trunk blocked it); on the demo's 150 demos it
+    # also clones better (BENCHMARKS.md, "Which denoising transitions to fine-tune").
+    cfg = PolicyConfig(horizon=1, exec_steps=1, fusion_layers=0, language_encoder="hash", head="mlp",
+                       head_dtype="auto")
     cfg.mlp_head.hidden = 512
     cfg.noise.kind = "flow"
     cfg.noise.sample_steps = 10
     cfg.noise.std_floor = 0.1
     return cfg
+
+
+def _demo_dppo() -> DPPOConfig:
+    # The settings of every RL row in BENCHMARKS.md since stop 14: 4,096 env steps per update in 8 minibatches,
+    # 5 epochs, lr 1e-4, clip 0.2, target KL 0.03, 3 critic-only iterations first.
+    return DPPOConfig(num_minibatches=8, actor_lr=1e-4, clip_ploss_coef=0.2, clip_ploss_coef_base=0.2,
+                      n_critic_warmup_itr=3)
 
 
 @dataclass
@@ -47,11 +57,15 @@ class DemoConfig:
     pretrain_lr: float = 1e-3
     size: str = ""  # a DiT size preset (tiny | small | ...) when policy.head = "dit"
     policy: PolicyConfig = field(default_factory=_demo_policy)
-    stochastic_steps: int = 5  # K': DPPO fine-tunes the last K' of the K denoising steps
-    dppo: DPPOConfig = field(default_factory=lambda: DPPOConfig(n_critic_warmup_itr=2))
-    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(
-        iterations=20, num_envs=32, steps_per_iter=8, eval_every=0, checkpoint_every=5))
-    eval_episodes: int = 64
+    # DPPO's sampler: it fine-tunes the last K' of the K denoising steps, each a Gaussian of std >= std_floor.
+    # K' = 1: the later steps undo most of an earlier transition's noise, so earlier transitions add gradient
+    # noise without signal (BENCHMARKS.md, "Which denoising transitions to fine-tune").
+    stochastic_steps: int = 1
+    std_floor: float = 0.22
+    dppo: DPPOConfig = field(default_factory=_demo_dppo)
+    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(  # 50 x 4,096 = 205k env steps
+        iterations=50, num_envs=32, steps_per_iter=128, eval_every=0, checkpoint_every=10))
+    eval_episodes: int = 128
     eval_envs: int = 32
     threads: int = 0  # torch threads (0: torch's default)
 
@@ -72,37 +86,50 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrained = pretrain(PretrainConfig(data=str(out / "demos"), out=str(out / "pretrained"), size=cfg.size,
                                          policy=cfg.policy, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
                                          save_every=cfg.pretrain_steps))
-    before = _evaluate(pretrained, cfg, stochastic_steps=cfg.stochastic_steps)
+    rl_noise = {"stochastic_steps": cfg.stochastic_steps, "std_floor": cfg.std_floor}
+    before = _evaluate(pretrained, cfg, rl_noise)
     print(f"{stamp()}     pretrained success {_fmt(before)}")
 
     print(f"{stamp()} 3/4 DPPO fine-tuning with outcome-only reward "
           f"({cfg.runner.iterations} iterations x {cfg.runner.num_envs} envs)")
     runner = RunnerConfig(**{**asdict(cfg.runner), "log_dir": str(out / "dppo"), "seed": cfg.seed, "resume": False})
-    policy = VLAPolicy.from_pretrained(pretrained, noise={"stochastic_steps": cfg.stochastic_steps})
+    policy = VLAPolicy.from_pretrained(pretrained, noise=rl_noise)
     run_dir = train(TrainConfig(policy_path=str(pretrained), env={"task": cfg.task}, algo="dppo", dppo=cfg.dppo,
                                 runner=runner), policy=policy)
 
     print(f"{stamp()} 4/4 evaluating the fine-tuned policy")
-    after = _evaluate(run_dir / "checkpoint" / "policy", cfg)
+    after = _evaluate(run_dir / "checkpoint" / "policy", cfg, rl_noise)
     print(f"{stamp()}     fine-tuned success {_fmt(after)}")
     summary = {"task": cfg.task, "before": before, "after": after, "seconds": time.time() - t0,
                "run_dir": str(run_dir), "pretrained": str(pretrained)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"\nsuccess on '{cfg.task}' before RL {before['success_rate']:.1%} -> after RL {after['success_rate']:.1%} "
+    print(f"\nsuccess on '{cfg.task}' (deterministic chain) before RL {_fmt_ci(before)} -> after RL {_fmt_ci(after)} "
           f"({cfg.eval_episodes} episodes each, {summary['seconds'] / 60:.1f} min total)")
     print(f"TensorBoard: tensorboard --logdir {out}")
     return summary
 
 
-def _evaluate(policy_dir, cfg: DemoConfig, **noise) -> dict:
-    policy = VLAPolicy.from_pretrained(policy_dir, noise=noise) if noise else VLAPolicy.from_pretrained(policy_dir)
-    env = make_env(cfg.task, cfg.eval_envs, seed=cfg.seed + 10_000)
-    with torch.no_grad():
-        result = evaluate(policy, env, cfg.eval_episodes, seed=cfg.seed + 10_000)
-    env.close()
-    return result
+def _evaluate(policy_dir, cfg: DemoConfig, noise: dict) -> dict:
+    """Success on the same held-out episodes before and after: of the deterministic chain (what a robot runs:
+    no transition noise, x_K still drawn) and, under "sampled", of the RL sampler that DPPO trains."""
+    policy = VLAPolicy.from_pretrained(policy_dir, noise=noise)
+    results = {}
+    for mode in ("sampled", "deterministic"):
+        env = make_env(cfg.task, cfg.eval_envs, seed=cfg.seed + 10_000)
+        with torch.no_grad():
+            results[mode] = evaluate(policy, env, cfg.eval_episodes, deterministic=mode == "deterministic",
+                                     seed=cfg.seed + 10_000)
+        env.close()
+    return {**results["deterministic"], "sampled": results["sampled"]}
+
+
+def _fmt_ci(result: dict) -> str:
+    low, high = result["success_ci95"]
+    return f"{result['success_rate']:.1%} [{low:.0%}, {high:.0%}]"
 
 
 def _fmt(result: dict) -> str:
     low, high = result["success_ci95"]
-    return f"{result['success_rate']:.1%} (95% CI {low:.0%}-{high:.0%}, {result['num_episodes']} episodes)"
+    sampled = result["sampled"]
+    return (f"{result['success_rate']:.1%} (95% CI {low:.0%}-{high:.0%}, {result['num_episodes']} episodes; "
+            f"sampled {sampled['success_rate']:.1%})")

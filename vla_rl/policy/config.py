@@ -20,7 +20,11 @@ class NoiseConfig:
     sample_steps: int = 10  # K: denoising steps at sampling time
     eta: float = 1.0  # DDIM eta / flow-SDE noise level; > 0 makes transitions stochastic
     std_floor: float = 0.1  # minimum std of a stochastic transition (exploration; DPPO's min sampling std)
-    stochastic_steps: int = 0  # K': only the last K' transitions are stochastic and fine-tuned (0 = all K)
+    # K': only the last K' transitions are stochastic and fine-tuned (0 = all K). DPPO's presets use K' = 1: on
+    # trained `place` policies the later steps undo an earlier transition's noise (flow K = 10: 2-28% of it
+    # reaches the action from steps 5-8, DDIM x0-prediction 0-1%; benchmarks/bench_chain_noise.py), so those
+    # transitions add likelihood-ratio gradient of full variance and almost no signal (BENCHMARKS.md).
+    stochastic_steps: int = 0
     clip_sample: float = 1.0  # clip the predicted clean action (normalized units); 0 disables
     # Std of the initial noise x_K (a sampling temperature): 1 = the distribution the head was trained on,
     # 0 = every chunk starts from x_K = 0 (the mode of the noise). The initial draw is not a fine-tuned
