@@ -36,13 +36,12 @@ def former_physics():
         scene.TIMESTEP, scene.INTEGRATOR = saved
 
 
-# Narrower training ranges, and the dynamics of configs/randomization/heldout.yaml.
-_HELDOUT = OmegaConf.load(Path(__file__).parents[1] / "configs/randomization/heldout.yaml").randomization.dynamics
-RANDOMIZATION = {
-    "none": None,
-    "train": {"dynamics": {"friction": [0.8, 1.2], "mass": [0.8, 1.3], "damping": [0.85, 1.15], "actuator_gain": [0.9, 1.1]}},
-    "heldout": {"split": "heldout", "dynamics": OmegaConf.to_container(_HELDOUT)},
-}
+# The dynamics of configs/randomization/train.yaml and heldout.yaml (the held-out visual factors do not
+# touch a state-based expert).
+_PRESETS = Path(__file__).parents[1] / "configs/randomization"
+RANDOMIZATION = {"none": None} | {
+    split: {"split": split, "dynamics": OmegaConf.to_container(OmegaConf.load(_PRESETS / f"{split}.yaml").randomization.dynamics)}
+    for split in ("train", "heldout")}
 CASES = [(0.0, "none"), (0.1, "none"), (0.2, "none"), (0.1, "train"), (0.1, "heldout")]
 
 
