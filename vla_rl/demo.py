@@ -110,8 +110,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _evaluate(policy_dir, cfg: DemoConfig, noise: dict) -> dict:
-    """Success on the same held-out episodes before and after: of the deterministic chain (what a robot runs:
-    no transition noise, x_K still drawn) and, under "sampled", of the RL sampler that DPPO trains."""
+    """Success on the same held-out episodes before and after: of the deterministic chain (no transition noise,
+    x_K still drawn; what `vla-rl export --deterministic` exports) and, under "sampled", of the RL sampler that
+    DPPO trains."""
     policy = VLAPolicy.from_pretrained(policy_dir, noise=noise)
     results = {}
     for mode in ("sampled", "deterministic"):
