@@ -6,9 +6,11 @@ chain sampling + critic; update = PPO epochs) and env steps/s. Not a test.
 
 A setup fixes the policy (head, chunk, denoising process) and the update's shape (decisions per iteration,
 minibatches, what is trained). ``issue13`` is the loop issue 13 measured (tiny DiT, H = 8 executing 4, DDIM
-K = 10 with K' = 5, 32 envs x 10 decisions, 4 minibatches, the whole network trained); ``preset`` is today's
-BC recipe (configs/pretrain/default.yaml) fine-tuned as the 50-demo RL benchmarks run it (32 decisions, 8
-minibatches, head only). Every setup runs all 5 epochs (target KL off) so the work per iteration is fixed.
+K = 10 with K' = 5, 32 envs x 10 decisions, 4 minibatches, the whole network trained); ``preset`` is stop 15's
+BC recipe (MLP 512 head, trunk, chunks of 4, flow K' = 5) fine-tuned as the 50-demo RL benchmarks run it (32
+decisions, 8 minibatches, head only); ``preset_bf16_k1*`` fine-tune only the last transition, and
+``preset_bf16_k1_64x2`` fixes its own envs and env workers (ENVS). Every setup runs all 5 epochs (target KL
+off) so the work per iteration is fixed.
 """
 
 from __future__ import annotations
