@@ -18,11 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
 from vla_rl.collect import collect_demos
+from vla_rl.config import load_config
 from vla_rl.demo import DemoConfig
-from vla_rl.envs import RandomizationConfig, make_env
+from vla_rl.envs import EnvConfig, RandomizationConfig, make_env
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
 from vla_rl.pretrain import PretrainConfig, pretrain
@@ -31,12 +30,9 @@ from vla_rl.runner import RunnerConfig, TrainConfig, train
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "randomization"
 
 
-def split_dict(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml").randomization)
-
-
 def split(name: str) -> RandomizationConfig:
-    return RandomizationConfig.from_dict(split_dict(name))
+    """configs/randomization/<name>.yaml, validated by its schema."""
+    return load_config(EnvConfig, [PRESETS / f"{name}.yaml"]).randomization
 
 
 def success(policy_dir, noise: dict, name: str, episodes: int, seed: int) -> dict:
@@ -73,7 +69,7 @@ def main():
     runner = RunnerConfig(**{**asdict(demo.runner), "log_dir": str(out / "dppo"), "seed": a.seed, "resume": False,
                              "progress": False})
     t1 = time.time()
-    env = {"task": "place", "seed": a.seed, "randomization": split_dict("train")}  # recorded with the run's config
+    env = {"task": "place", "seed": a.seed, "randomization": asdict(split("train"))}  # recorded with the run's config
     run_dir = train(TrainConfig(policy_path=str(pretrained), env=env, algo="dppo", dppo=demo.dppo, runner=runner),
                     policy=VLAPolicy.from_pretrained(pretrained, noise=noise))
     t_rl = time.time() - t1

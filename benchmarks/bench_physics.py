@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
-from vla_rl.envs import make_env
+from vla_rl.config import load_config
+from vla_rl.envs import EnvConfig, make_env
 from vla_rl.envs.experts import evaluate_expert
 from vla_rl.envs.randomization import RandomizationConfig
 from vla_rl.envs.tasks import scene
@@ -40,7 +40,7 @@ def former_physics():
 # touch a state-based expert).
 _PRESETS = Path(__file__).parents[1] / "configs/randomization"
 RANDOMIZATION = {"none": None} | {
-    split: {"split": split, "dynamics": OmegaConf.to_container(OmegaConf.load(_PRESETS / f"{split}.yaml").randomization.dynamics)}
+    split: {"split": split, "dynamics": asdict(load_config(EnvConfig, [_PRESETS / f"{split}.yaml"]).randomization.dynamics)}
     for split in ("train", "heldout")}
 CASES = [(0.0, "none"), (0.1, "none"), (0.2, "none"), (0.1, "train"), (0.1, "heldout")]
 
