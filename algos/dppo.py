@@ -367,6 +367,8 @@ class DPPO:
         if self.uses_critic:
             out["explained_variance"] = distributed.explained_variance(flat["ret"], flat["value"])
         out["early_stop"] = float(stop)
+        if self.policy.action_log_std is not None:  # the learned std (Gaussian control, noise.learn_std)
+            out["action_std"] = self.policy.action_log_std.detach().exp().clamp(min=self.policy.cfg.noise.std_floor).mean().item()
         return out
 
     # ------------------------------------------------------------------ checkpoint state

@@ -9,7 +9,8 @@ minibatches, what is trained). ``issue13`` is the loop issue 13 measured (tiny D
 K = 10 with K' = 5, 32 envs x 10 decisions, 4 minibatches, the whole network trained); ``preset`` is stop 15's
 BC recipe (MLP 512 head, trunk, chunks of 4, flow K' = 5) fine-tuned as the 50-demo RL benchmarks run it (32
 decisions, 8 minibatches, head only); ``preset_bf16_k1*`` fine-tune only the last transition, and
-``preset_bf16_k1_64x2`` fixes its own envs and env workers (ENVS). Every setup runs all 5 epochs (target KL
+``preset_bf16_k1_64x2`` fixes its own envs and env workers (ENVS); ``h1_k1*`` are today's preset (one action
+per decision, no trunk, K' = 1). Every setup runs all 5 epochs (target KL
 off) so the work per iteration is fixed.
 """
 
@@ -53,8 +54,14 @@ SETUPS["preset_bf16_k1"] = ({**SETUPS["preset_bf16"][0], "noise": {"kind": "flow
 # The same update (4,096 env steps in 8 minibatches) collected by 64 envs x 16 decisions in 2 env worker
 # processes: larger chain-sampling batches, and the physics of half the envs beside the policy's work.
 SETUPS["preset_bf16_k1_64x2"] = (SETUPS["preset_bf16_k1"][0], 16, SETUPS["preset"][2])
+# Today's preset (configs/train/place_dppo.yaml, the demo): one action per decision, no trunk, K' = 1, bfloat16
+# head; 4,096 env steps per update as 32 envs x 128 decisions, or 64 envs x 64 in 2 env worker processes.
+SETUPS["h1_k1"] = ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 1, "exec_steps": 1, "fusion_layers": 0,
+                    "head_dtype": "bfloat16", "noise": {"kind": "flow", "stochastic_steps": 1}}, 128,
+                   {"num_minibatches": 8})
+SETUPS["h1_k1_64x2"] = (SETUPS["h1_k1"][0], 64, SETUPS["h1_k1"][2])
 # setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
-ENVS = {"preset_bf16_k1_64x2": (64, 2)}
+ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2)}
 
 
 def apply(obj, overrides: dict) -> None:

@@ -17,7 +17,7 @@ from vla_rl.runner import RunnerConfig, TrainConfig, train
 from toy_utils import pretrain_toy
 
 torch.set_num_threads(1)
-GAUSSIAN = {"kind": "gaussian", "sample_steps": 1, "std_floor": 0.01, "gaussian_log_std": -0.5}
+GAUSSIAN = {"kind": "gaussian", "sample_steps": 1, "std_floor": 0.01, "log_std_init": -0.5}
 
 
 def test_gaussian_policy_saves_loads_and_exports_with_parity(tmp_path):

@@ -177,7 +177,7 @@ def test_sample_prediction_is_the_same_chain_parametrized_by_x0():
 def test_gaussian_kind_is_a_plain_gaussian_policy():
     """The control policy: one N(head(0, 0, cond), exp(log_std)^2) step, MSE behaviour cloning, learned std."""
     cfg = tiny_config("ddim", head="mlp")
-    cfg.noise = NoiseConfig(kind="gaussian", sample_steps=1, std_floor=0.01, gaussian_log_std=-1.0)
+    cfg.noise = NoiseConfig(kind="gaussian", sample_steps=1, std_floor=0.01, log_std_init=-1.0)
     policy = perturbed_policy(cfg)
     obs = make_obs(6)
     chain = policy.sample(obs, generator=torch.Generator().manual_seed(0))

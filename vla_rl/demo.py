@@ -62,6 +62,9 @@ class DemoConfig:
     # noise without signal (BENCHMARKS.md, "Which denoising transitions to fine-tune").
     stochastic_steps: int = 1
     std_floor: float = 0.22
+    learn_std: bool = False  # a learned std per action dimension, from exp(log_std_init), floored at std_floor
+    log_std_init: float = -1.5
+    init_scale: float = 1.0  # std of the initial noise x_K when fine-tuning and evaluating (0: its mode)
     dppo: DPPOConfig = field(default_factory=_demo_dppo)
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(  # 50 x 4,096 = 205k env steps
         iterations=50, num_envs=32, steps_per_iter=128, eval_every=0, checkpoint_every=10))
@@ -86,7 +89,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrained = pretrain(PretrainConfig(data=str(out / "demos"), out=str(out / "pretrained"), size=cfg.size,
                                          policy=cfg.policy, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
                                          save_every=cfg.pretrain_steps))
-    rl_noise = {"stochastic_steps": cfg.stochastic_steps, "std_floor": cfg.std_floor}
+    rl_noise = {"stochastic_steps": cfg.stochastic_steps, "std_floor": cfg.std_floor, "learn_std": cfg.learn_std,
+                "log_std_init": cfg.log_std_init, "init_scale": cfg.init_scale}
     before = _evaluate(pretrained, cfg, rl_noise)
     print(f"{stamp()}     pretrained success {_fmt(before)}")
 

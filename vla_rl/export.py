@@ -257,7 +257,7 @@ def export_bundle(
     if denoising_steps is not None and denoising_steps != noise_cfg.sample_steps:
         noise_cfg = dataclasses.replace(noise_cfg, sample_steps=int(denoising_steps),
                                         stochastic_steps=min(noise_cfg.stochastic_steps, int(denoising_steps)))
-        policy.noise = make_noise_process(noise_cfg)
+        policy.noise = make_noise_process(noise_cfg, policy.action_log_std)
     noise_process = policy.noise
     K = noise_process.num_steps
     exec_steps = int(exec_steps or cfg.exec_steps)

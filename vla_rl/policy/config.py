@@ -37,7 +37,12 @@ class NoiseConfig:
     # policy can fit the instruction-blind mixture instead (BENCHMARKS.md "Behaviour cloning", conditioning
     # neglect). "sample" weights every noise level's x0 error equally, as plain regression does. Flow ignores it.
     prediction: str = "epsilon"
-    gaussian_log_std: float = -1.5  # initial log std (normalized action units) of the "gaussian" kind
+    # ddim/flow: the stochastic transitions draw with a learned std per action dimension (initial value
+    # exp(log_std_init), floored at std_floor) instead of the schedule's, trained by PPO with the head, so the
+    # fine-tuned policy can narrow its exploration as a Gaussian policy does. Switching it on for fine-tuning a
+    # checkpoint trained without it starts the std at exp(log_std_init). The "gaussian" kind always learns its std.
+    learn_std: bool = False
+    log_std_init: float = -1.5  # initial log std (normalized action units) of a learned std
 
 
 @dataclass

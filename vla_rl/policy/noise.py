@@ -16,7 +16,10 @@ the RL algorithms get an exact log-likelihood of every stochastic transition:
   algorithms, so that a comparison changes one thing: the action distribution.
 
 A std floor keeps every stochastic step exploratory; only the last ``stochastic_steps`` transitions
-are stochastic, the earlier ones are the deterministic (eta = 0 / ODE) updates.
+are stochastic, the earlier ones are the deterministic (eta = 0 / ODE) updates. With ``learn_std`` the
+stochastic transitions of a DDIM or flow chain draw with the policy's learned per-dimension std (floored
+at ``std_floor``) in place of the schedule's, so PPO can narrow its exploration as it learns, as a
+Gaussian policy does (DPPO's learned eta plays the same role).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .config import NoiseConfig
 
 
 class NoiseProcess:
-    def __init__(self, cfg: NoiseConfig):
+    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor | None = None):
         if cfg.sample_steps < 1:
             raise ValueError(f"noise.sample_steps must be >= 1, got {cfg.sample_steps}")
         if not 0 <= cfg.stochastic_steps <= cfg.sample_steps:
@@ -38,7 +41,10 @@ class NoiseProcess:
             )
         if cfg.std_floor < 0 or cfg.eta < 0 or cfg.init_scale < 0:
             raise ValueError("noise.std_floor, noise.eta and noise.init_scale must be >= 0")
+        if cfg.learn_std and log_std is None:
+            raise ValueError("noise.learn_std needs the policy's log_std parameter")
         self.cfg = cfg
+        self.log_std = log_std if cfg.learn_std or cfg.kind == "gaussian" else None
         self.num_steps = cfg.sample_steps
         n_stoch = cfg.stochastic_steps or cfg.sample_steps
         # Indices (in 0..K-1) of the stochastic transitions: the last K' of the chain.
@@ -61,10 +67,17 @@ class NoiseProcess:
         """Mean and std of x_{k+1} given x_k and the network output. k: long [B]. std broadcasts to mean."""
         raise NotImplementedError
 
+    def stochastic_std(self, schedule_std: torch.Tensor | None) -> torch.Tensor:
+        """The std of a stochastic transition: the learned one per action dimension when there is one, else the
+        schedule's; floored at std_floor either way."""
+        if self.log_std is not None:
+            return self.log_std.exp().clamp(min=self.cfg.std_floor).view(1, 1, -1)
+        return schedule_std.clamp(min=self.cfg.std_floor)
+
 
 class DDIMProcess(NoiseProcess):
-    def __init__(self, cfg: NoiseConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor | None = None):
+        super().__init__(cfg, log_std)
         T = cfg.train_steps
         if cfg.prediction not in ("epsilon", "sample"):
             raise ValueError(f"noise.prediction must be 'epsilon' or 'sample', got {cfg.prediction!r}")
@@ -111,13 +124,13 @@ class DDIMProcess(NoiseProcess):
         sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).clamp(min=0).sqrt()
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
         mean = a_prev.sqrt() * x0 + direction * eps
-        std = sigma.clamp(min=self.cfg.std_floor) if stochastic else torch.zeros_like(sigma)
+        std = self.stochastic_std(sigma) if stochastic else torch.zeros_like(sigma)
         return mean, std
 
 
 class FlowSDEProcess(NoiseProcess):
-    def __init__(self, cfg: NoiseConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor | None = None):
+        super().__init__(cfg, log_std)
         self.dt = 1.0 / cfg.sample_steps
 
     def model_time(self, k):
@@ -142,8 +155,7 @@ class FlowSDEProcess(NoiseProcess):
         drift = v - eta2 * (x - t * v) / (2 * (t + dt))
         mean = x + drift * dt
         sigma = (eta2 * (1 - t) / (t + dt)).sqrt()
-        std = (sigma * math.sqrt(dt)).clamp(min=self.cfg.std_floor)
-        return mean, std
+        return mean, self.stochastic_std(sigma * math.sqrt(dt))
 
 
 class GaussianProcess(NoiseProcess):
@@ -152,11 +164,12 @@ class GaussianProcess(NoiseProcess):
     (``log_std``: the policy's learned parameter, floored at ``std_floor``). BC is MSE regression on the
     chunk; DPPO on it is plain PPO with a state-independent learned std."""
 
-    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor):
+    def __init__(self, cfg: NoiseConfig, log_std: torch.Tensor | None):
         if cfg.sample_steps != 1:
             raise ValueError(f"noise.kind='gaussian' is a one-step chain: noise.sample_steps must be 1, got {cfg.sample_steps}")
-        super().__init__(cfg)
-        self.log_std = log_std
+        if log_std is None:
+            raise ValueError("noise.kind='gaussian' needs the policy's log_std parameter")
+        super().__init__(cfg, log_std)
 
     @property
     def init_scale(self) -> float:
@@ -171,16 +184,13 @@ class GaussianProcess(NoiseProcess):
     def transition(self, mean, x, k, stochastic):
         if not stochastic:
             return mean, torch.zeros(1, 1, 1, device=mean.device)
-        return mean, self.log_std.exp().clamp(min=self.cfg.std_floor).view(1, 1, -1)
+        return mean, self.stochastic_std(None)
 
 
 def make_noise_process(cfg: NoiseConfig, log_std: torch.Tensor | None = None) -> NoiseProcess:
-    """``log_std``: the learned per-dimension log std of the ``gaussian`` kind (owned by the policy)."""
-    if cfg.kind == "gaussian":
-        if log_std is None:
-            raise ValueError("noise.kind='gaussian' needs the policy's log_std parameter")
-        return GaussianProcess(cfg, log_std)
-    processes = {"ddim": DDIMProcess, "flow": FlowSDEProcess}
+    """``log_std``: the learned per-dimension log std (owned by the policy) of the ``gaussian`` kind, or of any
+    kind with ``learn_std``."""
+    processes = {"ddim": DDIMProcess, "flow": FlowSDEProcess, "gaussian": GaussianProcess}
     if cfg.kind not in processes:
-        raise ValueError(f"unknown noise.kind {cfg.kind!r}; choose one of {sorted([*processes, 'gaussian'])}")
-    return processes[cfg.kind](cfg)
+        raise ValueError(f"unknown noise.kind {cfg.kind!r}; choose one of {sorted(processes)}")
+    return processes[cfg.kind](cfg, log_std)

@@ -132,9 +132,10 @@ class VLAPolicy(nn.Module):
         if self.early_head is not None:
             self.early_head.requires_grad_(False)
         self.critic = Critic(cfg, self.language.out_dim)
-        # The Gaussian control's learned std per action dimension (its only distribution parameter).
-        self.action_log_std = (nn.Parameter(torch.full((cfg.action_dim,), float(cfg.noise.gaussian_log_std)))
-                               if cfg.noise.kind == "gaussian" else None)
+        # The learned std per action dimension: the Gaussian control's only distribution parameter, and the
+        # chain's stochastic transitions' std with noise.learn_std.
+        self.action_log_std = (nn.Parameter(torch.full((cfg.action_dim,), float(cfg.noise.log_std_init)))
+                               if cfg.noise.kind == "gaussian" or cfg.noise.learn_std else None)
         self.noise = make_noise_process(cfg.noise, self.action_log_std)
         self.noise_actor = self._make_noise_actor() if cfg.noise_actor.enabled else None
         if self.vlm is not None:
@@ -394,7 +395,7 @@ class VLAPolicy(nn.Module):
         return (err * mask).sum() / mask.sum().clamp(min=1)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """What fine-tuning the action head alone trains: the head (and the Gaussian control's std)."""
+        """What fine-tuning the action head alone trains: the head (and the learned std, if any)."""
         return list(self.head.parameters()) + ([self.action_log_std] if self.action_log_std is not None else [])
 
     def actor_parameters(self, include_frozen: bool = False):
@@ -446,6 +447,8 @@ class VLAPolicy(nn.Module):
             if saved.get("backbone", "builtin") == "builtin" and "vlm" in saved:
                 # Unused without the VLM: a builtin policy must not fail to load when the VLM options change.
                 del saved["vlm"]
+            if "gaussian_log_std" in saved.get("noise", {}):  # its name before the chain gained learn_std
+                saved.noise.log_std_init = saved.noise.pop("gaussian_log_std")
             cfg = OmegaConf.merge(OmegaConf.structured(PolicyConfig), saved, overrides)
         except Exception as e:  # omegaconf raises several types; all mean a bad config file
             raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
@@ -463,6 +466,9 @@ class VLAPolicy(nn.Module):
         if policy.vlm is not None:  # the VLM's pretrained weights came from its own directory
             base = {"vlm." + k for k in policy.vlm.base_state_keys()}
             missing = [k for k in missing if k not in base]
+        if cfg.noise.learn_std and cfg.noise.kind != "gaussian":
+            # learn_std switched on for fine-tuning a chain trained without it: the std starts at exp(log_std_init)
+            missing = [k for k in missing if k != "action_log_std"]
         if missing or unexpected:
             raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
         return policy.to(device)
