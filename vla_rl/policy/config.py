@@ -29,7 +29,9 @@ class NoiseConfig:
     # Std of the initial noise x_K (a sampling temperature): 1 = the distribution the head was trained on,
     # 0 = every chunk starts from x_K = 0 (the mode of the noise). The initial draw is not a fine-tuned
     # transition, yet it decides much of the outcome (benchmarks/bench_spread.py: on `place` the BC policy,
-    # deterministic after x_K, succeeds from 75% of the starts with some draws and fails with others).
+    # deterministic after x_K, succeeds from 75% of the starts with some draws and fails with others). From x_K = 0
+    # the demo's BC chain succeeds 4-12 points more often than from random draws (3 seeds; BENCHMARKS.md, "The
+    # initial noise at its mode"), so the DPPO preset and the demo fine-tune and evaluate with init_scale 0.
     init_scale: float = 1.0
     # What the DDIM head regresses: "epsilon" (the added noise, DDPM's default) or "sample" (the clean chunk
     # x0). The epsilon loss weights the error in x0 by the signal-to-noise ratio, so the high-noise steps that
