@@ -47,7 +47,7 @@ class DPPOConfig:
     logprob_max: float = 2.0
     clip_vloss_coef: float = 0.0  # value clipping (0 = off)
     vf_coef: float = 0.5
-    ent_coef: float = 0.0  # unused by the Gaussian chain (entropy fixed by the std floor); kept for parity
+    ent_coef: float = 0.0  # unused: no entropy bonus (the std is the floor, or learned by the PPO loss alone); kept for parity
     update_epochs: int = 5
     num_minibatches: int = 4
     actor_lr: float = 3e-5  # on `place`, 1e-4 drove approx KL to ~0.05 per minibatch and lost success (BENCHMARKS.md)
