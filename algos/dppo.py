@@ -368,7 +368,7 @@ class DPPO:
             out["explained_variance"] = distributed.explained_variance(flat["ret"], flat["value"])
         out["early_stop"] = float(stop)
         if self.policy.action_log_std is not None:  # the learned std (Gaussian control, noise.learn_std)
-            out["action_std"] = self.policy.action_log_std.detach().exp().clamp(min=self.policy.cfg.noise.std_floor).mean().item()
+            out["action_std"] = self.policy.noise.stochastic_std(None).detach().mean().item()
         return out
 
     # ------------------------------------------------------------------ checkpoint state
