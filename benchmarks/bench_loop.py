@@ -56,7 +56,8 @@ SETUPS["preset_bf16_k1"] = ({**SETUPS["preset_bf16"][0], "noise": {"kind": "flow
 SETUPS["preset_bf16_k1_64x2"] = (SETUPS["preset_bf16_k1"][0], 16, SETUPS["preset"][2])
 # Today's preset (configs/train/place_dppo.yaml, the demo): one action per decision, no trunk, K' = 1, the head's
 # dtype as the demo picks it ("auto": bfloat16 only where the CPU has native bfloat16, else float32; forced
-# bfloat16 on a CPU without it runs several times slower); 4,096 env steps per update as 32 envs x 128 decisions, or 64 envs x 64 in 2 env worker processes.
+# bfloat16 on a CPU without it runs several times slower); 4,096 env steps per update as 32 envs x 128
+# decisions, or 64 envs x 64 in 2 env worker processes.
 SETUPS["h1_k1"] = ({"head": "mlp", "mlp_head": {"hidden": 512}, "horizon": 1, "exec_steps": 1, "fusion_layers": 0,
                     "head_dtype": "auto", "noise": {"kind": "flow", "stochastic_steps": 1}}, 128,
                    {"num_minibatches": 8})

@@ -27,3 +27,16 @@ def test_preset_loads(path):
 def test_demo_preset_is_the_default_demo():
     """`vla-rl demo` and `vla-rl demo --config configs/demo/place.yaml` run the same job."""
     assert load_config(DemoConfig, [CONFIGS / "demo" / "place.yaml"]) == DemoConfig()
+
+
+def test_toy_preset_overrides_the_base_env_workers():
+    """toy_dppo.yaml inherits place_dppo.yaml's 2 env worker processes and sets 1, the only value the pure-torch
+    toy takes; any other is a ConfigError naming the key."""
+    from vla_rl.config import ConfigError
+    from vla_rl.runner import _default_env_factory
+
+    cfg = load_train_config([CONFIGS / "train" / "toy_dppo.yaml"], [])
+    assert cfg.env == {"task": "toy", "workers": 1}
+    assert _default_env_factory(cfg.env, 4, "cpu").num_envs == 4
+    with pytest.raises(ConfigError, match="env.workers"):
+        load_train_config([CONFIGS / "train" / "toy_dppo.yaml"], ["env.workers=2"])

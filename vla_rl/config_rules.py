@@ -123,8 +123,11 @@ def _train_env(c: TrainConfig):
     for key, owner in _RUNNER_OWNED.items():
         if key in env:
             return f"env.{key}", f"set {owner} instead (the runner passes it to the env)"
-    if env.get("task", "toy") == "toy" and set(env) - _TOY_KEYS:
-        return f"env.{sorted(set(env) - _TOY_KEYS)[0]}", f"the toy task takes only {sorted(_TOY_KEYS)}"
+    if env.get("task", "toy") == "toy":
+        # workers: 1 is the no-op a toy preset sets to override a base preset's env worker processes
+        extra = sorted(k for k in set(env) - _TOY_KEYS if not (k == "workers" and env[k] == 1))
+        if extra:
+            return f"env.{extra[0]}", f"the toy task takes only {sorted(_TOY_KEYS)}"
     if env.get("task", "toy") == "toy":
         typed_env_config({k: v for k, v in env.items() if k != "task"})  # the runner's own toy env
         return None

@@ -85,6 +85,7 @@ def _default_env_factory(env_cfg: dict, num_envs: int, device: str):
     task = env_cfg.pop("task", "toy")
     if task == "toy":
         from vla_rl.envs.toy import ToyGoalEnv
+        env_cfg.pop("workers", None)  # only 1 passes the config rules: the toy steps in this process
         return ToyGoalEnv(num_envs, device=device, **env_cfg)
     from vla_rl.envs import make_env_from_config  # task: a built-in name, gym:<id> or module:factory
     return make_env_from_config({**env_cfg, "task": task, "num_envs": num_envs, "device": device})
