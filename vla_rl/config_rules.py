@@ -128,7 +128,6 @@ def _train_env(c: TrainConfig):
         extra = sorted(k for k in set(env) - _TOY_KEYS if not (k == "workers" and env[k] == 1))
         if extra:
             return f"env.{extra[0]}", f"the toy task takes only {sorted(_TOY_KEYS)}"
-    if env.get("task", "toy") == "toy":
         typed_env_config({k: v for k, v in env.items() if k != "task"})  # the runner's own toy env
         return None
     typed_env_config(env)

@@ -73,7 +73,8 @@ class DemoConfig:
     init_scale: float = 0.0
     dppo: DPPOConfig = field(default_factory=_demo_dppo)
     # 50 updates of 4,096 env steps (205k): 64 envs x 64 decisions, stepped in `env_workers` processes so the
-    # physics of half the envs runs beside the policy's work (the same update as 32 x 128, which learned alike).
+    # physics of half the envs runs beside the policy's work (the same update as 32 x 128; stop 16 measured it
+    # learning alike, stop 18's single runs per seed could not tell either way: BENCHMARKS.md).
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(
         iterations=50, num_envs=64, steps_per_iter=64, eval_every=0, checkpoint_every=10))
     env_workers: int = 2
