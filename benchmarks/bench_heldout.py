@@ -3,7 +3,8 @@ the training split and on the held-out split. Not a test.
 
     python benchmarks/bench_heldout.py --seed 0 [--out runs/bench_heldout]
 
-The demo's recipe (``vla-rl demo``: 150 DART demos, 3,000 BC steps, DPPO with K' = 1 for 205k env steps), with
+The demo's recipe as ``DemoConfig`` holds it (its demos, BC steps, policy, DPPO settings and budget; stop 16's
+table in BENCHMARKS.md ran it at 150 demos and 205k env steps, from random x_K), with
 every env -- the expert's demos, the RL envs -- drawing its dynamics from configs/randomization/train.yaml.
 The pretrained and the fine-tuned policy then run the same 128 episodes of each split (held-out: the wider
 dynamics ranges and held-out visual draws of configs/randomization/heldout.yaml), deterministic and sampled.
@@ -65,7 +66,7 @@ def main():
                                          steps=demo.pretrain_steps, lr=demo.pretrain_lr, seed=a.seed,
                                          save_every=demo.pretrain_steps))
     t_bc = time.time() - t0
-    noise = {"stochastic_steps": demo.stochastic_steps, "std_floor": demo.std_floor}
+    noise = {"stochastic_steps": demo.stochastic_steps, "std_floor": demo.std_floor, "init_scale": demo.init_scale}
     runner = RunnerConfig(**{**asdict(demo.runner), "log_dir": str(out / "dppo"), "seed": a.seed, "resume": False,
                              "progress": False})
     t1 = time.time()
