@@ -67,12 +67,13 @@ SETUPS["h1_k1_64x2"] = (SETUPS["h1_k1"][0], 64, SETUPS["h1_k1"][2])
 SETUPS["h1_k5"] = ({**SETUPS["h1_k1"][0], "noise": {"kind": "flow", "stochastic_steps": 1, "sample_steps": 5}},
                    *SETUPS["h1_k1"][1:])
 SETUPS["h1_k5_64x2"] = (SETUPS["h1_k5"][0], 64, SETUPS["h1_k5"][2])
-# The same update as 128 envs x 32 decisions: chain sampling in batches of 128 (a bfloat16 head's matmuls are
-# overhead-bound at batch 32-64).
+# The same update as 128 envs x 32 decisions or 256 x 16: chain sampling in larger batches (a bfloat16 head's
+# matmuls are overhead-bound at batch 32-64), episodes cut and bootstrapped more often.
 SETUPS["h1_k5_128x2"] = (SETUPS["h1_k5"][0], 32, SETUPS["h1_k5"][2])
 SETUPS["h1_k5_256x2"] = (SETUPS["h1_k5"][0], 16, SETUPS["h1_k5"][2])
 # setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
-ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2), "h1_k5_64x2": (64, 2), "h1_k5_128x2": (128, 2), "h1_k5_256x2": (256, 2)}
+ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2), "h1_k5_64x2": (64, 2), "h1_k5_128x2": (128, 2),
+        "h1_k5_256x2": (256, 2)}
 
 
 def apply(obj, overrides: dict) -> None:

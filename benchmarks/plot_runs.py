@@ -84,7 +84,8 @@ def main() -> None:
     axes[1].set_xlabel("training wall-clock minutes")
     axes[0].set_ylabel(f"training success (sampled policy, {a.window}-point mean)")
     axes[0].set_ylim(-0.02, 1.02)
-    fig.suptitle(a.title + "\n(markers at the end: held-out sampled success before (hollow) / after (filled))", fontsize=10)
+    fig.suptitle(a.title + "\n(markers at the end: held-out sampled success before (hollow) / after (filled))",
+                 fontsize=10)
     axes[0].legend(fontsize=8)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110, bbox_inches="tight")
