@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from vla_rl.collect import collect_demos
 from vla_rl.config import load_config
-from vla_rl.demo import DemoConfig
+from vla_rl.demo import DemoConfig, demo_rl_noise
 from vla_rl.envs import EnvConfig, RandomizationConfig, make_env
 from vla_rl.evaluate import evaluate
 from vla_rl.policy import VLAPolicy
@@ -66,7 +66,7 @@ def main():
                                          steps=demo.pretrain_steps, lr=demo.pretrain_lr, seed=a.seed,
                                          save_every=demo.pretrain_steps))
     t_bc = time.time() - t0
-    noise = {"stochastic_steps": demo.stochastic_steps, "std_floor": demo.std_floor, "init_scale": demo.init_scale}
+    noise = demo_rl_noise(demo)
     runner = RunnerConfig(**{**asdict(demo.runner), "log_dir": str(out / "dppo"), "seed": a.seed, "resume": False,
                              "progress": False})
     t1 = time.time()

@@ -86,6 +86,12 @@ class DemoConfig:
     threads: int = 0  # torch threads (0: torch's default)
 
 
+def demo_rl_noise(cfg: DemoConfig) -> dict:
+    """The sampler DPPO fine-tunes and the demo evaluates with: noise overrides for ``VLAPolicy.from_pretrained``."""
+    return {"stochastic_steps": cfg.stochastic_steps, "std_floor": cfg.std_floor, "learn_std": cfg.learn_std,
+            "log_std_init": cfg.log_std_init, "init_scale": cfg.init_scale}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -102,8 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrained = pretrain(PretrainConfig(data=str(out / "demos"), out=str(out / "pretrained"), size=cfg.size,
                                          policy=cfg.policy, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, seed=cfg.seed,
                                          save_every=cfg.pretrain_steps))
-    rl_noise = {"stochastic_steps": cfg.stochastic_steps, "std_floor": cfg.std_floor, "learn_std": cfg.learn_std,
-                "log_std_init": cfg.log_std_init, "init_scale": cfg.init_scale}
+    rl_noise = demo_rl_noise(cfg)
     before = _evaluate(pretrained, cfg, rl_noise)
     print(f"{stamp()}     pretrained success {_fmt(before)}")
 
