@@ -50,6 +50,10 @@ class RWRConfig:
     max_grad_norm: float = 1.0
     skip_constant: bool = True  # no update when all returns are equal (no signal), e.g. no success at all
     demo_path: str = ""  # demonstrations (vla_rl.data format) mixed into every minibatch as plain BC
+    # Collect with the chain's deterministic transitions (its ODE / DDIM eta = 0 path) from x_K ~ N(0,
+    # noise.init_scale^2): at init_scale 1 the samples are draws from the model's own distribution with no
+    # transition noise on top, so there is no exploration noise to learn back (see the module docstring).
+    ode_sampling: bool = False
     demo_coef: float = 0.0  # weight of that BC term against the weighted loss (0 = no demos)
 
 
@@ -85,6 +89,10 @@ class RWR:
         self.cfg = cfg or RWRConfig()
         self.policy = policy
         refuse_steered(policy, "rwr")
+        if self.cfg.ode_sampling and policy.noise.init_scale == 0:
+            raise ValueError("rwr.ode_sampling with noise.init_scale=0 samples one action per observation: "
+                             "set noise.init_scale > 0 (1 = the model's own distribution)")
+        self.deterministic_rollouts = self.cfg.ode_sampling  # read by the runner's collect
         self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr, fused=True)
         self.iteration = 0
         self.pending: list[list[dict]] | None = None  # per env: segments of its running episode

@@ -71,9 +71,13 @@ SETUPS["h1_k5_64x2"] = (SETUPS["h1_k5"][0], 64, SETUPS["h1_k5"][2])
 # matmuls are overhead-bound at batch 32-64), episodes cut and bootstrapped more often.
 SETUPS["h1_k5_128x2"] = (SETUPS["h1_k5"][0], 32, SETUPS["h1_k5"][2])
 SETUPS["h1_k5_256x2"] = (SETUPS["h1_k5"][0], 16, SETUPS["h1_k5"][2])
+# The demo's loop with a 256-wide head (~4x fewer head FLOPs): on a CPU without bfloat16 the head's float32
+# matmuls are most of the loop (BENCHMARKS.md, stop 18).
+SETUPS["h1_k5_64x2_w256"] = ({**SETUPS["h1_k5"][0], "mlp_head": {"hidden": 256}}, 64, SETUPS["h1_k5"][2])
 # setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
 ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2), "h1_k5_64x2": (64, 2), "h1_k5_128x2": (128, 2),
-        "h1_k5_256x2": (256, 2)}
+        "h1_k5_256x2": (256, 2),
+        "h1_k5_64x2_w256": (64, 2)}
 
 
 def apply(obj, overrides: dict) -> None:
@@ -103,6 +107,20 @@ def make_runner(setup: str, num_envs: int, workers: int = 1) -> tuple[Runner, in
     return Runner(tc, policy=VLAPolicy(cfg), env=env), num_envs * decisions * cfg.exec_steps
 
 
+def time_env_steps(runner: Runner) -> list[float]:
+    """Wrap ``runner.env.step`` so the seconds the collect waits on the env accumulate in the returned cell."""
+    spent, step = [0.0], runner.env.step
+
+    def timed_step(action):
+        t0 = time.perf_counter()
+        out = step(action)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    runner.env.step = timed_step
+    return spent
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", default=["issue13", "preset"], choices=list(SETUPS))
@@ -114,28 +132,33 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     runners = {s: make_runner(s, *ENVS.get(s, (a.num_envs, a.workers))) for s in a.setups}
-    times = {s: {"collect": [], "update": []} for s in a.setups}
+    times = {s: {"collect": [], "update": [], "env": []} for s in a.setups}
+    env_seconds = {s: time_env_steps(r) for s, (r, _) in runners.items()}
     for r, _ in runners.values():  # warm-up
         r.algo.update(r.collect()[0])
     for _ in range(a.rounds):
         for s, (r, _) in runners.items():
             for _ in range(a.iters):
+                env_seconds[s][0] = 0.0
                 t0 = time.perf_counter()
                 buf, _ = r.collect()
                 t1 = time.perf_counter()
                 r.algo.update(buf)
                 times[s]["collect"].append(t1 - t0)
                 times[s]["update"].append(time.perf_counter() - t1)
+                times[s]["env"].append(env_seconds[s][0])
             print(f"  {s}: collect {times[s]['collect'][-1]:.2f} s, update {times[s]['update'][-1]:.2f} s", flush=True)
     base = None
-    print(f"| setup | head params | env steps/iter | collect s/iter | update s/iter | env steps/s | vs {a.setups[0]} |")
-    print("|---|---|---|---|---|---|---|")
+    # "env.step s": the part of the collect spent waiting on env.step (physics, IPC); the rest is the policy's.
+    print(f"| setup | head params | env steps/iter | collect s/iter | of which env.step s | update s/iter | env steps/s "
+          f"| vs {a.setups[0]} |")
+    print("|---|---|---|---|---|---|---|---|")
     for s, (r, steps) in runners.items():
-        c, u = statistics.median(times[s]["collect"]), statistics.median(times[s]["update"])
+        c, u, e = (statistics.median(times[s][k]) for k in ("collect", "update", "env"))
         sps = steps / (c + u)
         base = base or sps
         n = sum(p.numel() for p in r.policy.head.parameters())
-        print(f"| {s} | {n / 1e3:.0f}k | {steps} | {c:.2f} | {u:.2f} | {sps:.0f} | {sps / base:.2f}x |")
+        print(f"| {s} | {n / 1e3:.0f}k | {steps} | {c:.2f} | {e:.2f} | {u:.2f} | {sps:.0f} | {sps / base:.2f}x |")
 
 
 if __name__ == "__main__":

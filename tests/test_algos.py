@@ -334,3 +334,34 @@ def test_an_update_whose_kl_jumps_past_the_hard_limit_is_reverted():
     assert all(not s for s in algo.actor_opt.state.values())  # Adam's moments back to the (empty) start
     stats, same, _ = run(kl_revert=0.0)
     assert stats["kl_reverted"] == 0.0 and not same and stats["approx_kl"] > 0.3
+
+
+def test_rwr_ode_sampling_collects_the_deterministic_chain_from_random_initial_noise(tmp_path):
+    """rwr.ode_sampling: the runner collects with no transition noise (the chain's deterministic path) from a
+    random x_K, so every collected action is the deterministic chain's action for its own x_K draw; with
+    init_scale 0 it would collect one action per observation and is refused."""
+    from vla_rl.algos import RWR, RWRConfig
+    from vla_rl.envs.toy import ToyGoalEnv
+    from vla_rl.runner import Runner, RunnerConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="init_scale"):
+        RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=3, init_scale=0.0)), RWRConfig(ode_sampling=True))
+    torch.manual_seed(0)
+    policy = VLAPolicy(toy_policy_cfg(stochastic_steps=3, init_scale=1.0))
+    cfg = TrainConfig(algo="rwr", rwr=RWRConfig(ode_sampling=True),
+                      runner=RunnerConfig(iterations=1, num_envs=4, steps_per_iter=1, eval_every=0, progress=False,
+                                          log_dir=str(tmp_path / "run")))
+    runner = Runner(cfg, policy=policy, env=ToyGoalEnv(4, seed=0))
+    obs = runner.obs
+    gen_state = runner.gen.get_state()
+    buf, _ = runner.collect()
+    k, h, a = policy.noise.num_steps, policy.cfg.horizon, policy.cfg.action_dim
+    noise = torch.randn((4, k + 1, h, a), generator=torch.Generator().set_state(gen_state))
+    with torch.no_grad():
+        ode = policy.sample(obs, deterministic=True, noise=noise).actions
+        stochastic = policy.sample(obs, noise=noise).actions
+        mode = policy.sample(obs, deterministic=True, noise=torch.zeros_like(noise)).actions
+    collected = buf.data["actions"][0]
+    torch.testing.assert_close(collected, ode)
+    assert not torch.allclose(collected, stochastic)  # the transition noise would have moved them
+    assert not torch.allclose(collected, mode)  # and x_K is drawn, not the mode

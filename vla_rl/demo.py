@@ -31,7 +31,10 @@ def _demo_policy() -> PolicyConfig:
     # also clones better (BENCHMARKS.md, "Which denoising transitions to fine-tune").
     cfg = PolicyConfig(horizon=1, exec_steps=1, fusion_layers=0, language_encoder="hash", head="mlp",
                        head_dtype="auto")
-    cfg.mlp_head.hidden = 512
+    # A 256-wide head (the BC preset's is 512): a quarter of the FLOPs, so on a CPU without bfloat16, where the
+    # head's float32 matmuls were most of the loop, the demo runs in 9.5-10 minutes instead of 15, and from 100
+    # demos DPPO gained as much or more over 3 seeds (BENCHMARKS.md, "The demo's 256-wide head").
+    cfg.mlp_head.hidden = 256
     cfg.noise.kind = "flow"
     # 5 Euler steps per chain (BC trains the flow on continuous time, so the step count is a sampling choice):
     # on `place` BC succeeds as often as with 10 and the loop's chain sampling costs half (BENCHMARKS.md, "The
@@ -54,7 +57,7 @@ class DemoConfig:
     expert: str = ""  # module:factory of the demo expert (default: the built-in task's scripted expert)
     out: str = "runs/demo"
     seed: int = 0
-    # Few demonstrations, so RL has room: from 100 the BC chain succeeds 57-73% (3 seeds) where 150 give 80-95% and
+    # Few demonstrations, so RL has room: from 100 the BC chain succeeds 61-77% (3 seeds) where 150 give 80-95% and
     # leave RL a few points at most (BENCHMARKS.md, "The demo from 100 demos at 410k env steps").
     demos: int = 100
     demo_noise: float = 0.1  # executed-action noise; the labels are the expert's own actions (DART)

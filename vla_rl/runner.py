@@ -208,9 +208,10 @@ class Runner:
         n_exec = 0
         # V(next obs) of one step is V(obs) of the next: the critic runs once per observation.
         value = pol.value(timed(self.obs, self.clock)) if use_v else torch.zeros(env.num_envs)
+        deterministic = getattr(self.algo, "deterministic_rollouts", False)  # RWR's ODE sampling
         for _ in range(rc.steps_per_iter):
             obs = timed(self.obs, self.clock)
-            chain = pol.sample(obs, generator=self.gen)
+            chain = pol.sample(obs, deterministic=deterministic, generator=self.gen)
             nobs, reward, term, trunc, info = env.step(chain.actions[:, :pol.cfg.exec_steps])
             executed = info["steps_executed"].cpu().float()
             done = (term | trunc).cpu()
