@@ -50,11 +50,11 @@ class RWRConfig:
     max_grad_norm: float = 1.0
     skip_constant: bool = True  # no update when all returns are equal (no signal), e.g. no success at all
     demo_path: str = ""  # demonstrations (vla_rl.data format) mixed into every minibatch as plain BC
+    demo_coef: float = 0.0  # weight of that BC term against the weighted loss (0 = no demos)
     # Collect with the chain's deterministic transitions (its ODE / DDIM eta = 0 path) from x_K ~ N(0,
     # noise.init_scale^2): at init_scale 1 the samples are draws from the model's own distribution with no
     # transition noise on top, so there is no exploration noise to learn back (see the module docstring).
     ode_sampling: bool = False
-    demo_coef: float = 0.0  # weight of that BC term against the weighted loss (0 = no demos)
 
 
 def _minibatch_obs(td, instructions: list[str], idx: torch.Tensor) -> dict:
