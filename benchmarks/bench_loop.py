@@ -76,8 +76,7 @@ SETUPS["h1_k5_256x2"] = (SETUPS["h1_k5"][0], 16, SETUPS["h1_k5"][2])
 SETUPS["h1_k5_64x2_w256"] = ({**SETUPS["h1_k5"][0], "mlp_head": {"hidden": 256}}, 64, SETUPS["h1_k5"][2])
 # setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
 ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2), "h1_k5_64x2": (64, 2), "h1_k5_128x2": (128, 2),
-        "h1_k5_256x2": (256, 2),
-        "h1_k5_64x2_w256": (64, 2)}
+        "h1_k5_256x2": (256, 2), "h1_k5_64x2_w256": (64, 2)}
 
 
 def apply(obj, overrides: dict) -> None:
