@@ -10,8 +10,8 @@ K = 10 with K' = 5, 32 envs x 10 decisions, 4 minibatches, the whole network tra
 BC recipe (MLP 512 head, trunk, chunks of 4, flow K' = 5) fine-tuned as the 50-demo RL benchmarks run it (32
 decisions, 8 minibatches, head only); ``preset_bf16_k1*`` fine-tune only the last transition, and
 ``preset_bf16_k1_64x2`` fixes its own envs and env workers (ENVS); ``h1_k1*`` are today's preset (one action
-per decision, no trunk, K' = 1). Every setup runs all 5 epochs (target KL
-off) so the work per iteration is fixed.
+per decision, no trunk, K' = 1). Every setup runs all of its update epochs (5; ``*_e2``: 2) with the target
+KL off, so the work per iteration is fixed.
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ SETUPS["h1_k5_256x2"] = (SETUPS["h1_k5"][0], 16, SETUPS["h1_k5"][2])
 # The demo's loop with a 256-wide head (~4x fewer head FLOPs): on a CPU without bfloat16 the head's float32
 # matmuls are most of the loop (BENCHMARKS.md, stop 18).
 SETUPS["h1_k5_64x2_w256"] = ({**SETUPS["h1_k5"][0], "mlp_head": {"hidden": 256}}, 64, SETUPS["h1_k5"][2])
+# The same with 2 update epochs instead of 5 (the update is compute-bound: its matmuls are most of it).
+SETUPS["h1_k5_64x2_w256_e2"] = (SETUPS["h1_k5_64x2_w256"][0], 64, {**SETUPS["h1_k5"][2], "update_epochs": 2})
 # setup -> (num envs, env worker processes) where a setup fixes them; the others take --num-envs / --workers
 ENVS = {"preset_bf16_k1_64x2": (64, 2), "h1_k1_64x2": (64, 2), "h1_k5_64x2": (64, 2), "h1_k5_128x2": (128, 2),
-        "h1_k5_256x2": (256, 2), "h1_k5_64x2_w256": (64, 2)}
+        "h1_k5_256x2": (256, 2), "h1_k5_64x2_w256": (64, 2), "h1_k5_64x2_w256_e2": (64, 2)}
 
 
 def apply(obj, overrides: dict) -> None:

@@ -40,3 +40,22 @@ def test_toy_preset_overrides_the_base_env_workers():
     assert _default_env_factory(cfg.env, 4, "cpu").num_envs == 4
     with pytest.raises(ConfigError, match="env.workers"):
         load_train_config([CONFIGS / "train" / "toy_dppo.yaml"], ["env.workers=2"])
+
+
+def test_gaussian_control_preset_differs_from_the_demo_only_in_the_action_head_and_its_lr():
+    """The control's figures compare against the demo's only while everything else (demos, encoders, head network,
+    runner, PPO settings, budget) stays the demo's."""
+    from dataclasses import asdict
+
+    demo = asdict(DemoConfig())
+    control = asdict(load_config(DemoConfig, [CONFIGS / "demo" / "place_gaussian_control.yaml"]))
+
+    def differences(a, b, prefix=""):
+        for k in a:
+            if isinstance(a[k], dict):
+                yield from differences(a[k], b[k], f"{prefix}{k}.")
+            elif a[k] != b[k]:
+                yield f"{prefix}{k}"
+
+    assert sorted(differences(demo, control)) == ["dppo.actor_lr", "policy.noise.kind", "policy.noise.sample_steps",
+                                                  "std_floor"]
