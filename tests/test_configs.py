@@ -44,7 +44,7 @@ def test_toy_preset_overrides_the_base_env_workers():
 
 def test_gaussian_control_preset_differs_from_the_demo_only_in_the_action_head_and_its_lr():
     """The control's figures compare against the demo's only while everything else (demos, encoders, head network,
-    runner, PPO settings, budget) stays the demo's."""
+    runner, PPO settings, budget) stays the demo's; its output directory is its own."""
     from dataclasses import asdict
 
     demo = asdict(DemoConfig())
@@ -57,5 +57,5 @@ def test_gaussian_control_preset_differs_from_the_demo_only_in_the_action_head_a
             elif a[k] != b[k]:
                 yield f"{prefix}{k}"
 
-    assert sorted(differences(demo, control)) == ["dppo.actor_lr", "policy.noise.kind", "policy.noise.sample_steps",
-                                                  "std_floor"]
+    assert sorted(differences(demo, control)) == ["dppo.actor_lr", "out", "policy.noise.kind",
+                                                  "policy.noise.sample_steps", "std_floor"]
