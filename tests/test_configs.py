@@ -47,15 +47,11 @@ def test_gaussian_control_preset_differs_from_the_demo_only_in_the_action_head_a
     runner, PPO settings, budget) stays the demo's; its output directory is its own."""
     from dataclasses import asdict
 
-    demo = asdict(DemoConfig())
-    control = asdict(load_config(DemoConfig, [CONFIGS / "demo" / "place_gaussian_control.yaml"]))
+    from vla_rl.resume import _flatten
 
-    def differences(a, b, prefix=""):
-        for k in a:
-            if isinstance(a[k], dict):
-                yield from differences(a[k], b[k], f"{prefix}{k}.")
-            elif a[k] != b[k]:
-                yield f"{prefix}{k}"
+    demo = _flatten(asdict(DemoConfig()))
+    control = _flatten(asdict(load_config(DemoConfig, [CONFIGS / "demo" / "place_gaussian_control.yaml"])))
+    differences = [k for k in demo if demo[k] != control[k]]
 
-    assert sorted(differences(demo, control)) == ["dppo.actor_lr", "out", "policy.noise.kind",
-                                                  "policy.noise.sample_steps", "std_floor"]
+    assert sorted(differences) == ["dppo.actor_lr", "out", "policy.noise.kind",
+                                   "policy.noise.sample_steps", "std_floor"]

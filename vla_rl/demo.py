@@ -130,8 +130,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                "run_dir": str(run_dir), "pretrained": str(pretrained)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     x_k = "x_K = 0" if cfg.init_scale == 0 else f"x_K ~ N(0, {cfg.init_scale:g}^2)"
-    policy = "the Gaussian head's mean" if cfg.policy.noise.kind == "gaussian" else f"deterministic chain from {x_k}"
-    print(f"\nsuccess on '{cfg.task}' ({policy}) before RL {_fmt_ci(before)} -> after RL {_fmt_ci(after)} "
+    evaluated = "the Gaussian head's mean" if cfg.policy.noise.kind == "gaussian" else f"deterministic chain from {x_k}"
+    print(f"\nsuccess on '{cfg.task}' ({evaluated}) before RL {_fmt_ci(before)} -> after RL {_fmt_ci(after)} "
           f"({cfg.eval_episodes} episodes each, {summary['seconds'] / 60:.1f} min total)")
     print(f"TensorBoard: tensorboard --logdir {out}")
     return summary
