@@ -2,9 +2,11 @@
 the training split and on the held-out split. Not a test.
 
     python benchmarks/bench_heldout.py --seed 0 [--out runs/bench_heldout]
+    python benchmarks/bench_heldout.py --seed 0 --config configs/demo/place_gaussian_control.yaml  # the control
 
-The demo's recipe as ``DemoConfig`` holds it (its demos, BC steps, policy, DPPO settings and budget; stop 16's
-table in BENCHMARKS.md ran it at 150 demos and 205k env steps, from random x_K), with
+The demo's recipe as ``DemoConfig`` holds it, or as a demo preset gives it (``--config``, e.g. the Gaussian-head
+control): its demos, BC steps, policy, DPPO settings and budget (stop 16's table in BENCHMARKS.md ran it at 150
+demos and 205k env steps, from random x_K), with
 every env -- the expert's demos, the RL envs -- drawing its dynamics from configs/randomization/train.yaml.
 The pretrained and the fine-tuned policy then run the same 128 episodes of each split (held-out: the wider
 dynamics ranges and held-out visual draws of configs/randomization/heldout.yaml), deterministic and sampled.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 from vla_rl.collect import collect_demos
-from vla_rl.config import load_config
+from vla_rl.config import check_values, load_config
 from vla_rl.demo import DemoConfig, demo_rl_noise
 from vla_rl.envs import EnvConfig, RandomizationConfig, make_env
 from vla_rl.evaluate import evaluate
@@ -54,10 +56,13 @@ def main():
     p.add_argument("--episodes", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench_heldout")
+    p.add_argument("--config", action="append", default=[],
+                   help="a demo preset (schema vla_rl.demo.DemoConfig; its `out` is not used), e.g. the Gaussian control")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    demo = DemoConfig(seed=a.seed)
+    demo = load_config(DemoConfig, a.config, [f"seed={a.seed}"])
+    check_values(demo)
     out = Path(a.out) / f"s{a.seed}"
     t0 = time.time()
     collect_demos("place", demo.demos, out / "demos", num_envs=16, noise=demo.demo_noise, seed=a.seed,

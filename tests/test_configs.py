@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vla_rl.cli import load_train_config
-from vla_rl.config import load_config
+from vla_rl.config import ConfigError, load_config
 from vla_rl.demo import DemoConfig
 from vla_rl.envs import EnvConfig
 from vla_rl.pretrain import PretrainConfig
@@ -14,14 +14,24 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {"env": EnvConfig, "randomization": EnvConfig, "pretrain": PretrainConfig, "demo": DemoConfig}
 
 
+# what a preset needs on the command line besides the checkpoint (its header's command names it)
+REQUIRED = {"place_rwr.yaml": ["rwr.demo_path=demos/place"]}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_preset_loads(path):
     kind = path.parent.name
     if kind == "train":
-        cfg = load_train_config([path], [])
+        cfg = load_train_config([path], REQUIRED.get(path.name, []))
         assert cfg.algo in ("dppo", "rwr", "dsrl")
     else:
         load_config(SCHEMAS[kind], [path])
+
+
+def test_rwr_preset_asks_for_the_demos_it_mixes_in():
+    with pytest.raises(ConfigError, match="rwr.demo_path: rwr.demo_coef=1.0 mixes demonstrations"):
+        load_train_config([CONFIGS / "train" / "place_rwr.yaml"], [])
+    assert load_train_config([CONFIGS / "train" / "place_rwr.yaml"], ["rwr.demo_coef=0"]).rwr.demo_path == ""
 
 
 def test_demo_preset_is_the_default_demo():

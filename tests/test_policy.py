@@ -390,6 +390,21 @@ def test_minilm_language_encoder_is_frozen_and_cached():
     assert len(policy.language._cache) == 2
 
 
+def test_hash_language_bags_repeated_instructions_once_with_the_same_values():
+    from vla_rl.policy.encoders import LanguageEncoder
+
+    enc = LanguageEncoder("hash", 8, 4096)
+    texts = ["put the red cube in the bowl", "put the blue cube in the box", "put the red cube in the bowl"] * 5
+    trained = enc(texts)  # a bag per row: the path whose gradient BC takes
+    with torch.no_grad():
+        gathered = enc(texts)  # one bag per distinct instruction, gathered
+    assert torch.equal(gathered, trained.detach())  # bit-identical, not merely close
+    trained.sum().backward()  # BC's path still trains the embedding
+    assert enc.embedding.weight.grad is not None and enc.embedding.weight.grad.abs().sum() > 0
+    enc.embedding.weight.requires_grad_(False)  # frozen encoders in RL: the same gather, gradient or not
+    assert torch.equal(enc(texts), trained.detach())
+
+
 def test_large_config_constructs_on_meta_device():
     from vla_rl.policy import DIT_SIZES
     from vla_rl.policy.dit import DiTActionHead

@@ -134,4 +134,11 @@ def _train_env(c: TrainConfig):
     return None
 
 
-register_rules(TrainConfig, algo=one_of("dppo", "rwr", "dsrl"), checks=(_train_env,))
+def _rwr_demos(c: TrainConfig):
+    if c.algo == "rwr" and c.rwr.demo_coef > 0 and not c.rwr.demo_path:
+        return "rwr.demo_path", (f"rwr.demo_coef={c.rwr.demo_coef} mixes demonstrations into every update: give their "
+                                 "directory or .hdf5 file (the demos BC read), or set rwr.demo_coef=0")
+    return None
+
+
+register_rules(TrainConfig, algo=one_of("dppo", "rwr", "dsrl"), checks=(_train_env, _rwr_demos))
