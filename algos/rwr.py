@@ -21,7 +21,8 @@ The samples are regressed on as they were drawn, so any exploration noise added 
 own distribution (``noise.std_floor`` above the sampler's std) is learned back and compounds over
 updates; run RWR with a small std floor (configs/train/place_rwr.yaml). Even without added noise the
 regression on its own samples drifts: on `place` the chain sampled from its own distribution
-(``ode_sampling``, lr 4e-5) fell from 0.77 to 0.09 success in 410k env steps with no demos, and held with them; mix
+(``ode_sampling``, lr 4e-5) fell from 0.77 to 0.09 success in 410k env steps with no demos (a Gaussian head lost 20
+points: every decision of a successful episode is weighted up, harmful ones included), and held with them; mix
 the BC demonstrations in (``demo_path``, ``demo_coef``; the preset's 1).
 """
 

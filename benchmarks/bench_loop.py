@@ -52,7 +52,7 @@ SETUPS["preset_bf16"] = ({**SETUPS["preset"][0], "head_dtype": "bfloat16"}, *SET
 SETUPS["preset_bf16_k1"] = ({**SETUPS["preset_bf16"][0], "noise": {"kind": "flow", "stochastic_steps": 1}},
                             *SETUPS["preset"][1:])
 # The same update (4,096 env steps in 8 minibatches) collected by 64 envs x 16 decisions in 2 env worker
-# processes: larger chain-sampling batches, and the physics of half the envs beside the policy's work.
+# processes: larger chain-sampling batches, and the two halves' physics at once, one per core.
 SETUPS["preset_bf16_k1_64x2"] = (SETUPS["preset_bf16_k1"][0], 16, SETUPS["preset"][2])
 # Today's preset (configs/train/place_dppo.yaml, the demo): one action per decision, no trunk, K' = 1, the head's
 # dtype as the demo picks it ("auto": bfloat16 only where the CPU has native bfloat16, else float32; forced

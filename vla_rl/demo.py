@@ -78,9 +78,9 @@ class DemoConfig:
     init_scale: float = 0.0
     dppo: DPPOConfig = field(default_factory=_demo_dppo)
     # 100 updates of 4,096 env steps (410k, the Gaussian PPO reference's budget in issue 13; at 205k the gains
-    # were half as large): 64 envs x 64 decisions, stepped in `env_workers` processes so the physics of half the
-    # envs runs beside the policy's work. 256 envs x 16 decisions run the loop 1.4x faster but were not shown to
-    # learn alike (BENCHMARKS.md, stop 19).
+    # were half as large): 64 envs x 64 decisions, stepped in `env_workers` processes so the two halves' physics
+    # run at once, one per core. 256 envs x 16 decisions run the loop 1.4x faster but were not shown to learn alike
+    # (BENCHMARKS.md, stop 19).
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(
         iterations=100, num_envs=64, steps_per_iter=64, eval_every=0, checkpoint_every=10))
     env_workers: int = 2
