@@ -301,7 +301,7 @@ class DPPO:
         bc = torch.zeros((), device=ratio.device)
         if cfg.bc_coef > 0:
             with torch.no_grad():
-                target = self.pretrained.sample(obs).actions
+                target = self.pretrained.drawn_actions(self.pretrained.sample(obs).latents)  # not clamped
             bc = self.policy.bc_loss(obs, target)
         with torch.no_grad():
             stats = {

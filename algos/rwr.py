@@ -1,9 +1,11 @@
 """Reward-weighted regression on whole episodes (Peters & Schaal 2007; DPPO's RWR baseline).
 
-Every decision (observation, executed action chunk) of a *finished* episode is regressed on with the
-weight ``exp(beta * normalized G_t)``, clipped at ``max_weight``, where G_t is the decision's discounted
-return-to-go (``gamma`` per decision: with an outcome-only reward a faster success weighs more). The update
-is the weighted per-sample ``bc_loss``, optionally plus a BC loss on demonstrations (``demo_path``).
+Every decision (observation, sampled action chunk) of a *finished* episode is regressed on with the weight
+``exp(beta * normalized G_t)``, clipped at ``max_weight``, where G_t is the decision's discounted return-to-go
+(``gamma`` per decision: with an outcome-only reward a faster success weighs more), or with ``weights=
+"advantage"`` ``exp(beta * normalized (G_t - V(s_t)))``, V a critic fit to the returns of earlier updates (AWR's
+per-decision credit). The update is the weighted per-sample loss (``target``, below), optionally plus a BC loss
+on demonstrations (``demo_path``).
 
 Whole episodes: a rollout of a few decisions per env cuts most episodes in two. Decisions of an episode
 still running at the end of a rollout wait in ``pending`` and join the update once their episode ends, so
@@ -17,13 +19,17 @@ resets) or by a divergence of the simulator have no outcome and are dropped. The
 update are not checkpointed: a resume restarts the envs, and at most ``min_episodes`` episodes' worth of
 env steps are collected again.
 
-The samples are regressed on as they were drawn, so any exploration noise added on top of the model's
-own distribution (``noise.std_floor`` above the sampler's std) is learned back and compounds over
-updates; run RWR with a small std floor (configs/train/place_rwr.yaml). Even without added noise the
-regression on its own samples drifts: on `place` the chain sampled from its own distribution
-(``ode_sampling``, lr 4e-5) fell from 0.77 to 0.09 success in 410k env steps with no demos (a Gaussian head lost 20
-points: every decision of a successful episode is weighted up, harmful ones included), and held with them; mix
-the BC demonstrations in (``demo_path``, ``demo_coef``; the preset's 1).
+What the weights multiply (``target``). "action": the flow / diffusion training loss on the drawn chunk; a
+new noise level and noise draw per sample, so for a chain it is not the likelihood of what was sampled, and the
+regression of a chain on its own draws drifts whatever the weights: on `place` (410k env steps, no demos) the
+chain sampled from its own distribution (``ode_sampling``) fell from 0.77 to 0.09-0.15 success with return
+weights, advantage weights and uniform weights (beta 0) alike, more slowly with 20 ODE steps than 5. Mix the BC
+demonstrations in (``demo_path``, ``demo_coef``) to hold it there. "transition": minus the exact Gaussian
+log-likelihood of the stored stochastic transitions (the chain DPPO fine-tunes: x_K = 0, noise on the last
+transition), so uniform weights leave the policy where it is in expectation and the weights move it; on the
+same base without demos it gained instead (BENCHMARKS.md, stop 29). Either way the target is the chain's own
+draw, not the executed action clamped to the action bounds: the expert saturates them, and regressed on clamped
+draws a Gaussian head lost 20 points where on its draws it held.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from vla_rl import distributed
+from vla_rl.policy.vla import Chain
 
 from .dppo import refuse_steered
 
@@ -59,6 +66,20 @@ class RWRConfig:
     # noise.init_scale^2): at init_scale 1 the samples are draws from the model's own distribution with no
     # transition noise on top, so there is no exploration noise to learn back (see the module docstring).
     ode_sampling: bool = False
+    # "return": the weights are exp(beta * normalized G_t), so every decision of a successful episode is weighted
+    # up, the harmful draws it recovered from included. "advantage": exp(beta * normalized (G_t - V(s_t))), V a
+    # critic (reading the episode clock) fit to the returns of the earlier updates' episodes: per-decision credit,
+    # as advantage-weighted regression (Peng et al. 2019, "AWR").
+    weights: str = "return"
+    # What a decision's weight multiplies. "action": the flow / diffusion training loss on the drawn chunk x_0
+    # (a new noise level and noise draw per sample; for a chain that is not the likelihood of what it sampled).
+    # "transition": minus the exact Gaussian log-likelihood of the stored stochastic transitions under the current
+    # weights (the one DPPO's ratio uses), with the early deterministic steps run by a frozen copy of the head;
+    # needs transitions with noise (noise.std_floor > 0, no ode_sampling). For a Gaussian head the two agree up
+    # to scale.
+    target: str = "action"
+    critic_lr: float = 1e-3
+    critic_warmup: int = 3  # updates that fit only the critic before its advantages weight the actor
 
 
 def _minibatch_obs(td, instructions: list[str], idx: torch.Tensor) -> dict:
@@ -87,7 +108,7 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 
 class RWR:
     name = "rwr"
-    uses_critic = False
+    uses_critic = False  # the runner need not run the critic during the rollout: V is computed in the update
 
     def __init__(self, policy, cfg: RWRConfig | None = None):
         self.cfg = cfg or RWRConfig()
@@ -97,11 +118,32 @@ class RWR:
             raise ValueError("rwr.ode_sampling with noise.init_scale=0 samples one action per observation: "
                              "set noise.init_scale > 0 (1 = the model's own distribution)")
         self.deterministic_rollouts = self.cfg.ode_sampling  # read by the runner's collect
+        if self.cfg.weights not in ("return", "advantage"):
+            raise ValueError(f"rwr.weights must be 'return' or 'advantage', got {self.cfg.weights!r}")
+        if self.cfg.target not in ("action", "transition"):
+            raise ValueError(f"rwr.target must be 'action' or 'transition', got {self.cfg.target!r}")
+        if self.cfg.target == "transition":
+            if self.cfg.ode_sampling:
+                raise ValueError("rwr.target=transition regresses on the chain's noisy transitions: rwr.ode_sampling "
+                                 "samples without transition noise, so there would be nothing to weight")
+            # The early deterministic steps run with the weights as they are now, so the latent entering the
+            # weighted transitions stays where the stored chains had it (as DPPO's freeze_early_steps).
+            policy.freeze_early_steps()
         self.opt = torch.optim.Adam(policy.actor_parameters(), lr=self.cfg.lr, fused=True)
+        self.critic_opt = None
+        if self.advantage_weighted:
+            # With the deadline a failure, V is a function of the state only if the critic reads the clock.
+            policy.enable_critic_clock()
+            self.critic_opt = torch.optim.Adam(policy.critic.parameters(), lr=self.cfg.critic_lr, fused=True)
+        self.critic_fits = 0  # updates the critic has been fit in
         self.iteration = 0
         self.pending: list[list[dict]] | None = None  # per env: segments of its running episode
         self.ready: list[dict] = []  # finished episodes since the last update
         self.demos = self._load_demos() if self.cfg.demo_coef > 0 else None
+
+    @property
+    def advantage_weighted(self) -> bool:
+        return self.cfg.weights == "advantage"
 
     # ------------------------------------------------------------------ episodes
     def on_env_reset(self) -> None:
@@ -127,9 +169,14 @@ class RWR:
         if buf.episodes_cut:
             self.pending = None
 
-    @staticmethod
-    def _segment(buf, n: int, start: int, end: int) -> dict:
-        td = buf.data[start:end, n].select("obs", "actions", "reward")
+    def _segment(self, buf, n: int, start: int, end: int) -> dict:
+        td = buf.data[start:end, n].select("obs", "latents", "reward")
+        # The regression target is the chain's own draw, not the executed (clamped) action: on `place` the expert
+        # saturates the action bounds (38-100% of demo actions per dim) and 15-48% of the policy's draws per dim
+        # fall beyond them (BENCHMARKS.md).
+        td["actions"] = self.policy.drawn_actions(td["latents"])
+        if self.cfg.target != "transition":
+            del td["latents"]
         return {"td": td, "instruction": [buf.instructions[t][n] for t in range(start, end)]}
 
     def _episode(self, segments: list[dict]) -> dict:
@@ -154,42 +201,104 @@ class RWR:
         td, instructions, ret = self.ready_batch()
         self.ready = []
         # Equal returns (typically: no success among the episodes) make uniform weights: the update would
-        # be plain BC on the policy's own samples -- drift, no signal.
-        if self.cfg.skip_constant and bool((ret == ret[0]).all()):
-            return {**stats, "skipped": 1.0}
-        w = rwr_weights(ret, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
-        losses = self._regress(td, instructions, w)
-        return {**stats, "skipped": 0.0, "policy_loss": sum(losses) / max(len(losses), 1), "decisions": float(len(w)),
-                "weight_max": w.max().item(), "weight_mean": w.mean().item(), "return_mean": ret.mean().item()}
+        # be plain BC on the policy's own samples -- drift, no signal. The critic still learns from them.
+        constant = self.cfg.skip_constant and bool((ret == ret[0]).all())
+        return {**stats, **self._fit(td, instructions, ret, constant)}
 
-    def _regress(self, td: TensorDict, instructions: list[str], w: torch.Tensor) -> list[float]:
-        n = len(w)
+    def _fit(self, td, instructions: list[str], ret: torch.Tensor, constant: bool) -> dict:
+        """The update on a ready batch (this rank's part of it on several ranks) and its logged numbers."""
+        fit_actor = not constant and self.critic_fits >= (self.cfg.critic_warmup if self.advantage_weighted else 0)
+        if not fit_actor and not self.advantage_weighted:
+            return {"skipped": 1.0}
+        stats = {}
+        signal = ret
+        if self.advantage_weighted:
+            # V from the critic as the earlier updates left it, before it is fit to these returns: fit first, it
+            # would explain part of this batch's luck and shrink the advantages toward zero.
+            with torch.no_grad():
+                value = self.policy.value(_minibatch_obs(td, instructions, torch.arange(len(ret)))) if len(ret) \
+                    else torch.zeros(0)
+            signal = ret - value.cpu()
+            stats.update(self._value_stats(ret, value.cpu()))
+        w = rwr_weights(signal, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
+        losses, value_losses = self._regress(td, instructions, w if fit_actor else None,
+                                             ret if self.advantage_weighted else None)
+        if self.advantage_weighted:
+            self.critic_fits += 1
+            stats["value_loss"] = sum(value_losses) / max(len(value_losses), 1)
+        if not fit_actor:
+            return {**stats, "skipped": 1.0}
+        n, w_sum, r_sum = distributed.all_sum([float(len(w)), w.sum().item(), ret.float().sum().item()])
+        w_max = distributed.all_max([w.max().item() if len(w) else -float("inf")])[0]
+        return {**stats, "skipped": 0.0, "policy_loss": sum(losses) / max(len(losses), 1), "decisions": n,
+                "weight_max": w_max, "weight_mean": w_sum / n, "return_mean": r_sum / n}
+
+    @staticmethod
+    def _value_stats(ret: torch.Tensor, value: torch.Tensor) -> dict:
+        """Explained variance of the returns by V and the advantages' spread, over every rank's decisions."""
+        n, r1, r2, e1, e2 = distributed.all_sum([float(len(ret)), ret.sum().item(), ret.pow(2).sum().item(),
+                                                 (ret - value).sum().item(), (ret - value).pow(2).sum().item()])
+        var_r, var_e = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
+        return {"explained_variance": 1 - var_e / var_r if var_r > 0 else float("nan"),
+                "advantage_std": max(var_e, 0.0) ** 0.5}
+
+    def _regress(self, td: TensorDict, instructions: list[str], w: torch.Tensor | None,
+                 targets: torch.Tensor | None) -> tuple[list[float], list[float]]:
+        """Epochs of minibatch steps: the actor on the weighted loss (``w``; None: the critic alone) and the
+        critic on the returns (``targets``; None: no critic). Returns the per-step actor and critic losses."""
+        n = len(targets if w is None else w)
         mb = max(1, n // self.cfg.num_minibatches)
-        params = self.policy.actor_parameters()
+        params = (self.policy.actor_parameters() if w is not None else []) + \
+            (list(self.policy.critic.parameters()) if targets is not None else [])
         ranks = distributed.enabled()
-        losses = []
+        losses, value_losses = [], []
         for _ in range(self.cfg.update_epochs):
             perm = torch.randperm(n)
             # Several ranks hold different numbers of decisions: each takes num_minibatches steps per epoch (its
             # share of each global minibatch, maybe empty), so that their gradient all-reduces stay in step.
             batches = torch.tensor_split(perm, self.cfg.num_minibatches) if ranks else [perm[s:s + mb] for s in range(0, n, mb)]
             for idx in batches:
-                if ranks:
-                    loss, value = self._rank_loss(td, instructions, w, idx)
-                else:
-                    per = self.policy.bc_loss(_minibatch_obs(td, instructions, idx), td["actions"][idx],
-                                              reduction="none")
-                    loss = (w[idx] * per).sum() / w[idx].sum()
-                    if self.demos is not None:
-                        loss = loss + self.cfg.demo_coef * self._demo_loss(len(idx))
+                actor, actor_value = self._rank_loss(td, instructions, w, idx) if w is not None else (None, None)
+                critic, critic_value = self._critic_loss(td, instructions, targets, idx) if targets is not None \
+                    else (None, None)
                 self.opt.zero_grad(set_to_none=True)
-                if loss is not None:
-                    loss.backward()
+                if self.critic_opt is not None:
+                    self.critic_opt.zero_grad(set_to_none=True)
+                parts = [loss for loss in (actor, critic) if loss is not None]
+                if parts:
+                    sum(parts).backward()  # the actor and the critic share no trained parameter
                 distributed.average_gradients(params)
-                nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-                self.opt.step()
-                losses.append(value if ranks else loss.item())
-        return losses
+                if w is not None:
+                    nn.utils.clip_grad_norm_(self.policy.actor_parameters(), self.cfg.max_grad_norm)
+                    self.opt.step()
+                    losses.append(actor_value)
+                if targets is not None:
+                    nn.utils.clip_grad_norm_(self.policy.critic.parameters(), self.cfg.max_grad_norm)
+                    self.critic_opt.step()
+                    value_losses.append(critic_value)
+        return losses, value_losses
+
+    def _sample_loss(self, td, instructions: list[str], idx: torch.Tensor) -> torch.Tensor:
+        """The per-decision loss [len(idx)] that the weights multiply (``rwr.target``)."""
+        obs = _minibatch_obs(td, instructions, idx)
+        if self.cfg.target == "transition":
+            chain = Chain(actions=td["actions"][idx], latents=td["latents"][idx], log_prob=torch.zeros(0))
+            lp = self.policy.log_prob(obs, chain, per_dim=True)  # [B, K', H, A]
+            return -lp.mean((-1, -2)).sum(1)  # per action coordinate, summed over the stochastic transitions
+        return self.policy.bc_loss(obs, td["actions"][idx], reduction="none")
+
+    def _critic_loss(self, td, instructions: list[str], targets: torch.Tensor, idx: torch.Tensor):
+        """Mean squared error of V on the global minibatch (this rank's rows ``idx``), scaled as :meth:`_rank_loss`
+        scales the actor's; the loss value for the logs. ``None`` as the loss where this rank's part is empty."""
+        world = distributed.world_size()
+        err = None
+        if len(idx):
+            v = self.policy.value(_minibatch_obs(td, instructions, idx))
+            err = (v - targets[idx].to(v.device)).pow(2).sum()
+        count, err_sum = distributed.all_sum([float(len(idx)), err.item() if err is not None else 0.0])
+        if count == 0:  # fewer decisions on every rank than minibatches: this step has none
+            return None, 0.0
+        return (None if err is None else err * (world / count)), err_sum / count
 
     # ------------------------------------------------------------------ several ranks
     def _update_ranks(self) -> dict:
@@ -208,29 +317,23 @@ class RWR:
         self.ready = []
         inf = float("inf")
         hi, neg_lo = distributed.all_max([ret.max().item() if len(ret) else -inf, -ret.min().item() if len(ret) else -inf])
-        if self.cfg.skip_constant and hi == -neg_lo:
-            return {**stats, "skipped": 1.0}
-        w = rwr_weights(ret, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
-        losses = self._regress(td, instructions, w)
-        n, w_sum, r_sum = distributed.all_sum([float(len(w)), w.sum().item(), ret.float().sum().item()])
-        w_max = distributed.all_max([w.max().item() if len(w) else -inf])[0]
-        return {**stats, "skipped": 0.0, "policy_loss": sum(losses) / max(len(losses), 1), "decisions": n,
-                "weight_max": w_max, "weight_mean": w_sum / n, "return_mean": r_sum / n}
+        return {**stats, **self._fit(td, instructions, ret, self.cfg.skip_constant and hi == -neg_lo)}
 
     def _rank_loss(self, td, instructions: list[str], w: torch.Tensor, idx: torch.Tensor):
         """This rank's part of a global minibatch's loss: ``world * sum_i w_i l_i / sum_all w`` (its gradient,
-        averaged over the ranks, is the gradient of the global weighted mean) plus the demo BC term on its own
-        demo draws; also the global loss value, for the logs. ``None`` as the loss when this rank's part is empty
-        and there are no demos."""
+        averaged over the ranks, is the gradient of the global weighted mean; one process: the weighted mean)
+        plus the demo BC term on its own demo draws; also the global loss value, for the logs. ``None`` as the
+        loss when this rank's part is empty and there are no demos."""
         world = distributed.world_size()
         num = demo = None
         if len(idx):
-            obs = _minibatch_obs(td, instructions, idx)
-            num = (w[idx] * self.policy.bc_loss(obs, td["actions"][idx], reduction="none")).sum()
+            num = (w[idx] * self._sample_loss(td, instructions, idx)).sum()
         if self.demos is not None:
             demo = self._demo_loss(max(1, len(idx)))
         w_sum, num_sum, demo_sum = distributed.all_sum([w[idx].sum().item(), num.item() if num is not None else 0.0,
                                                         demo.item() if demo is not None else 0.0])
+        if w_sum == 0:  # no rank holds a row of this minibatch (fewer decisions than minibatches)
+            return (self.cfg.demo_coef * demo if demo is not None else None), 0.0
         value = num_sum / w_sum + (self.cfg.demo_coef * demo_sum / world if demo is not None else 0.0)
         loss = None if num is None else num * (world / w_sum)
         if demo is not None:
@@ -258,10 +361,11 @@ class RWR:
 
     # ------------------------------------------------------------------ checkpoint
     def optimizers(self) -> dict:
-        return {"actor": self.opt}
+        return {"actor": self.opt, **({"critic": self.critic_opt} if self.critic_opt is not None else {})}
 
     def extra_state(self) -> dict:
-        return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "critic_fits": self.critic_fits}
 
     def load_extra_state(self, d: dict) -> None:
         self.iteration = d["iteration"]
+        self.critic_fits = d.get("critic_fits", 0)

@@ -157,6 +157,24 @@ def test_group_advantages():
     assert torch.allclose(adv, torch.tensor([[1.0, -1.0, -1.0, 1.0]]), atol=1e-4)
 
 
+def test_dppo_bc_regularization_regresses_on_the_pretrained_draws_before_the_clamp():
+    """dppo.bc_coef: the BC target is the frozen pretrained chain's draw x_0, not its executed (clamped) action."""
+    torch.manual_seed(0)
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+    algo = DPPO(pol, DPPOConfig(bc_coef=0.5))
+    obs, _ = toy_demos(4, 4)
+    obs = {**obs, "episode_time": torch.zeros(4)}
+    drawn = algo.pretrained.sample(obs)
+    drawn.latents[:, -1] = 1.5  # a draw beyond the action bounds; executed clamped to 1
+    algo.pretrained.sample = lambda _obs: drawn
+    seen = []
+    bc_loss = pol.bc_loss
+    pol.bc_loss = lambda o, target, *a, **k: seen.append(target) or bc_loss(o, target, *a, **k)
+    chain = pol.sample(obs)
+    algo.loss(obs, chain, chain.log_prob, torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    torch.testing.assert_close(seen[0], pol.normalizer.unnormalize_action(torch.full_like(drawn.actions, 1.5)))
+
+
 def test_rwr_weights():
     r = torch.tensor([0.0, 1.0, 2.0])
     w = rwr_weights(r, beta=1.0, max_weight=2.0, normalize=True)
@@ -199,8 +217,12 @@ def test_rwr_regresses_on_whole_episodes_across_rollouts():
     algo.add_rollout(buf2)
     td, instructions, ret = algo.ready_batch()
     assert ret.tolist() == [0.5, 1.0, 0.25, 0.5, 1.0]  # gamma = 0.5 per decision before the success
-    expected = torch.cat([buf1.data["actions"][:, 0], buf1.data["actions"][:, 1], buf2.data["actions"][:1, 1]])
-    assert torch.equal(td["actions"], expected) and len(instructions) == 5
+    # The targets are the chain's own draws x_0 before the clamp to the action bounds, not the executed actions.
+    drawn = [pol.normalizer.unnormalize_action(b.data["latents"][:, :, -1]) for b in (buf1, buf2)]
+    expected = torch.cat([drawn[0][:, 0], drawn[0][:, 1], drawn[1][:1, 1]])
+    assert torch.allclose(td["actions"], expected) and len(instructions) == 5
+    executed = torch.cat([buf1.data["actions"][:, 0], buf1.data["actions"][:, 1], buf2.data["actions"][:1, 1]])
+    assert not torch.allclose(expected, executed) and torch.equal(expected.clamp(-1, 1), executed)
     before = [p.detach().clone() for p in pol.head.parameters()]
     algo = RWR(pol, RWRConfig(update_epochs=1, num_minibatches=1, gamma=0.5, min_episodes=2))
     algo.update(buf1)
@@ -218,6 +240,96 @@ def test_rwr_regresses_on_whole_episodes_across_rollouts():
     algo.add_rollout(_rollout(pol, obs, torch.zeros(1, 2), torch.tensor([[True, True]]),
                               unstable=torch.tensor([[True, False]])))
     assert len(algo.ready) == 1
+
+
+def test_rwr_advantage_weights_use_the_critic_before_it_fits_the_batch():
+    """rwr.weights=advantage: the critic reads the episode clock, fits alone for critic_warmup updates (the actor
+    untouched), then the actor's weights are exp(beta * normalized (G_t - V(s_t))) with V as the earlier updates
+    left it; the critic's optimizer and fit count are checkpointed."""
+    from vla_rl.algos import RWR, RWRConfig
+    from vla_rl.algos.rwr import _minibatch_obs
+
+    torch.manual_seed(0)
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=3))
+    with pytest.raises(ValueError, match="rwr.weights"):
+        RWR(pol, RWRConfig(weights="advantages"))
+    assert not pol.cfg.critic_clock
+    cfg = RWRConfig(weights="advantage", critic_warmup=1, update_epochs=2, num_minibatches=1, gamma=0.5,
+                    min_episodes=2, beta=1.0)
+    algo = RWR(pol, cfg)
+    assert pol.cfg.critic_clock and pol.critic.use_clock
+    assert set(algo.optimizers()) == {"actor", "critic"}
+    obs, _ = toy_demos(2, 4)
+    obs = {**obs, "episode_time": torch.tensor([0.1, 0.3])}
+    rewards, dones = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[False, False], [True, False]])
+    buf1 = _rollout(pol, obs, rewards, dones)
+    buf2 = _rollout(pol, obs, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.tensor([[False, True], [False, False]]))
+
+    def params(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    actor, critic = params(pol.head), params(pol.critic)
+    algo.update(buf1)
+    stats = algo.update(buf2)  # the first full batch: the critic alone
+    assert stats["skipped"] == 1.0 and stats["value_loss"] > 0 and algo.critic_fits == 1
+    assert all(torch.equal(a, p) for a, p in zip(actor, pol.head.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(critic, pol.critic.parameters()))
+
+    algo.pending = None
+    algo.update(buf1)  # env 0's episode is ready, env 1's still running: below min_episodes
+    ready = RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=3)), RWRConfig(min_episodes=2, gamma=0.5))
+    ready.add_rollout(buf1)
+    ready.add_rollout(buf2)
+    td, instructions, ret = ready.ready_batch()
+    with torch.no_grad():
+        value = pol.value(_minibatch_obs(td, instructions, torch.arange(len(ret))))
+    seen = {}
+    regress = algo._regress
+
+    def spy(td_, instructions_, w, targets):
+        seen["w"], seen["targets"] = w, targets
+        return regress(td_, instructions_, w, targets)
+
+    algo._regress = spy
+    actor = params(pol.head)
+    stats = algo.update(buf2)
+    assert stats["skipped"] == 0.0 and stats["decisions"] == 5.0
+    torch.testing.assert_close(seen["w"], rwr_weights(ret - value, 1.0, cfg.max_weight))
+    assert torch.equal(seen["targets"], ret)  # the critic regresses on the returns-to-go
+    r = ret - ret.mean()
+    e = (ret - value) - (ret - value).mean()
+    assert abs(stats["explained_variance"] - (1 - e.pow(2).mean() / r.pow(2).mean()).item()) < 1e-5
+    assert any(not torch.equal(a, p) for a, p in zip(actor, pol.head.parameters()))
+    assert algo.extra_state()["critic_fits"] == 2
+
+
+def test_rwr_transition_target_weights_the_exact_likelihood_of_the_stored_transitions():
+    """rwr.target=transition: the weighted loss is minus the Gaussian log-likelihood of the stored stochastic
+    transitions (per action coordinate), the early deterministic steps run a frozen copy of the head, and a
+    chain without transition noise is refused."""
+    from vla_rl.algos import RWR, RWRConfig
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="rwr.ode_sampling"):
+        RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=1, init_scale=1.0)),
+            RWRConfig(target="transition", ode_sampling=True))
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=1, clip_sample=0.0))  # unclipped: the untrained x_0 has a gradient
+    algo = RWR(pol, RWRConfig(target="transition", update_epochs=1, num_minibatches=1, min_episodes=2, gamma=0.5))
+    assert pol.early_head is not None and not any(p.requires_grad for p in pol.early_head.parameters())
+    obs, _ = toy_demos(2, 4)
+    buf = _rollout(pol, obs, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[False, True], [True, False]]))
+    algo.add_rollout(buf)
+    td, instructions, ret = algo.ready_batch()
+    idx = torch.arange(len(ret))
+    chain = Chain(td["actions"], td["latents"], torch.zeros(0))
+    from vla_rl.algos.rwr import _minibatch_obs
+    expected = -pol.log_prob(_minibatch_obs(td, instructions, idx), chain).sum(1) / (pol.cfg.horizon * pol.cfg.action_dim)
+    torch.testing.assert_close(algo._sample_loss(td, instructions, idx), expected)
+    early, head = [[p.detach().clone() for p in m.parameters()] for m in (pol.early_head, pol.head)]
+    algo.ready, algo.pending = [], None
+    assert algo.update(buf)["skipped"] == 0.0
+    assert all(torch.equal(a, p) for a, p in zip(early, pol.early_head.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(head, pol.head.parameters()))
 
 
 def test_rwr_mixes_in_demonstrations(tmp_path):

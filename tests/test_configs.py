@@ -14,24 +14,22 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {"env": EnvConfig, "randomization": EnvConfig, "pretrain": PretrainConfig, "demo": DemoConfig}
 
 
-# what a preset needs on the command line besides the checkpoint (its header's command names it)
-REQUIRED = {"place_rwr.yaml": ["rwr.demo_path=demos/place"]}
-
-
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_preset_loads(path):
     kind = path.parent.name
     if kind == "train":
-        cfg = load_train_config([path], REQUIRED.get(path.name, []))
+        cfg = load_train_config([path], [])
         assert cfg.algo in ("dppo", "rwr", "dsrl")
     else:
         load_config(SCHEMAS[kind], [path])
 
 
-def test_rwr_preset_asks_for_the_demos_it_mixes_in():
+def test_rwr_asks_for_the_demos_it_mixes_in():
     with pytest.raises(ConfigError, match="rwr.demo_path: rwr.demo_coef=1.0 mixes demonstrations"):
-        load_train_config([CONFIGS / "train" / "place_rwr.yaml"], [])
-    assert load_train_config([CONFIGS / "train" / "place_rwr.yaml"], ["rwr.demo_coef=0"]).rwr.demo_path == ""
+        load_train_config([CONFIGS / "train" / "place_rwr.yaml"], ["rwr.demo_coef=1.0"])
+    cfg = load_train_config([CONFIGS / "train" / "place_rwr.yaml"], [])
+    assert cfg.rwr.demo_coef == 0 and cfg.rwr.target == "transition"
+    assert cfg.policy_overrides["noise"]["std_floor"] == 0.22  # DPPO's sampling: the transition carries noise
 
 
 def test_demo_preset_is_the_default_demo():

@@ -59,10 +59,13 @@ def _row_seeded_noise(policy):
     policy.noise.training_target = training_target
 
 
-def _rwr_cfg():
+def _rwr_cfg(algo="rwr"):
+    """``rwr_adv``: advantage weights from a critic that fits on the same global minibatches (no warm-up, so one
+    update moves both)."""
     from vla_rl.algos import RWRConfig
 
-    return RWRConfig(update_epochs=2, num_minibatches=1, min_episodes=1, skip_constant=False, lr=1e-3)
+    adv = {"weights": "advantage", "critic_warmup": 0} if algo == "rwr_adv" else {}
+    return RWRConfig(update_epochs=2, num_minibatches=1, min_episodes=1, skip_constant=False, lr=1e-3, **adv)
 
 
 def _train_cfg(log_dir, iterations, **runner):
@@ -108,9 +111,9 @@ def _phases(tmp: str) -> None:
     assert torch.allclose(p.grad, torch.full((3,), 1.5)) and torch.allclose(q.grad, torch.full((2,), 0.5))
 
     # 2) one DPPO and one RWR update on 2 ranks (4 envs each); the parent test repeats them in one process on 8
-    for algo in ("dppo", "rwr"):
+    for algo in ("dppo", "rwr", "rwr_adv"):
         cfg = _train_cfg(tmp / algo, 1, eval_every=0, checkpoint_every=0)
-        cfg.algo, cfg.rwr = algo, _rwr_cfg()
+        cfg.algo, cfg.rwr = algo.removesuffix("_adv"), _rwr_cfg(algo)
         runner = Runner(cfg, policy=_policy(), env=ToyGoalEnv(4, seed=rank))
         _row_seeded_noise(runner.policy)
         assert runner.env.num_envs == 4 and runner.seed == distributed.rank_seed(0, rank)
@@ -221,13 +224,13 @@ def _concatenated(spawned, algo):
     return saved, bufs, buf
 
 
-@pytest.mark.parametrize("algo", ["dppo", "rwr"])
+@pytest.mark.parametrize("algo", ["dppo", "rwr", "rwr_adv"])
 def test_one_update_equals_single_process_on_concatenated_batch(spawned, algo):
     from vla_rl.algos import DPPO, RWR
 
     saved, _, buf = _concatenated(spawned, algo)
     policy = _policy()
-    learner = DPPO(policy, _dppo_cfg()) if algo == "dppo" else RWR(policy, _rwr_cfg())
+    learner = DPPO(policy, _dppo_cfg()) if algo == "dppo" else RWR(policy, _rwr_cfg(algo))
     policy.load_state_dict(saved["init"])
     _row_seeded_noise(policy)
     stats = learner.update(buf)
@@ -239,6 +242,9 @@ def test_one_update_equals_single_process_on_concatenated_batch(spawned, algo):
     assert moved > 0  # the update changed weights (the comparison is not between two untouched copies)
     keys = ("policy_loss", "value_loss", "approx_kl", "explained_variance") if algo == "dppo" else \
         ("policy_loss", "decisions", "episodes_ready", "weight_max", "weight_mean", "return_mean")
+    if algo == "rwr_adv":
+        keys += ("value_loss", "explained_variance", "advantage_std")
+        assert any(k.startswith("critic.") and not torch.equal(v, saved["init"][k]) for k, v in saved["after"].items())
     for k in keys:
         assert abs(stats[k] - saved["stats"][k]) < 1e-5, (k, stats[k], saved["stats"][k])
 

@@ -192,6 +192,7 @@ TRAIN_BAD = {
     "runner.steps_per_iter=0": ("runner.steps_per_iter", "> 0"),
     "dppo.num_minibatches=0": ("dppo.num_minibatches", "> 0"),
     "rwr.num_minibatches=0": ("rwr.num_minibatches", "> 0"),
+    "rwr.weights=advantages": ("rwr.weights", "'advantage'"),
     "dsrl.n_critics=0": ("dsrl.n_critics", ">= 1"),
     "dsrl.batch_size=-1": ("dsrl.batch_size", "> 0"),
     "dsrl.tau=2.0": ("dsrl.tau", "in [0, 1]"),

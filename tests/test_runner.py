@@ -8,6 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vla_rl.algos import DPPOConfig, RWRConfig
+from vla_rl.checkpoint import CheckpointError
 from vla_rl.envs.toy import ToyGoalEnv
 from vla_rl.evaluate import evaluate, wilson_interval
 from vla_rl.policy import VLAPolicy
@@ -63,6 +64,28 @@ def test_checkpoint_resume_and_tensorboard(tmp_path):
 def test_rwr_runs(tmp_path):
     run_dir = train(_cfg(tmp_path, 1, algo="rwr"), policy=_policy(), env=ToyGoalEnv(8))
     assert (run_dir / "checkpoint" / "optim.safetensors").is_file()
+
+
+def test_rwr_advantage_weights_resume_their_critic_and_refuse_the_other_weighting(tmp_path):
+    def cfg(iters, weights="advantage"):
+        c = _cfg(tmp_path, iters, algo="rwr")
+        c.rwr = RWRConfig(update_epochs=1, num_minibatches=1, weights=weights, critic_warmup=1, min_episodes=1)
+        c.runner.steps_per_iter, c.runner.eval_every = 4, 0
+        return c
+
+    run_dir = train(cfg(2), policy=_policy(), env=ToyGoalEnv(8))
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["algo"]["critic_fits"] == 2 and "critic" in state["optimizers"]
+    saved = VLAPolicy.from_pretrained(run_dir / "checkpoint" / "policy")
+    r = Runner(cfg(3), policy=_policy(), env=ToyGoalEnv(8))
+    assert r.algo.critic_fits == 2 and r.policy.cfg.critic_clock
+    for k, v in saved.state_dict().items():
+        if k.startswith("critic."):
+            assert torch.equal(r.policy.state_dict()[k], v), k
+    assert all(int(s["step"]) == 2 for s in r.algo.critic_opt.state_dict()["state"].values())  # 2 fits x 1 step
+    r.writer.close()
+    with pytest.raises(CheckpointError, match="rwr.weights: checkpoint 'advantage', now 'return'"):
+        Runner(cfg(3, weights="return"), policy=_policy(), env=ToyGoalEnv(8))
 
 
 def test_group_reset_and_evaluate():

@@ -27,6 +27,8 @@ STATE_KEYS = {"iteration": int, "env_steps": int, "optimizers": dict, "algo": di
 SAME_RUN_KEYS = ("policy_path", "algo", "policy_overrides", "env.task")
 NETWORK_KEYS = {
     "dppo": ("dppo.critic_clock", "dppo.freeze_early_steps", "dppo.train_encoders"),
+    # advantage weights: a critic reading the clock, and its optimizer; transition targets: a frozen early head
+    "rwr": ("rwr.weights", "rwr.target"),
     "dsrl": ("dsrl.actor_hidden", "dsrl.critic_hidden", "dsrl.n_critics", "dsrl.bound", "dsrl.critic_clock",
              "dsrl.critic_privileged"),
 }

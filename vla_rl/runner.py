@@ -460,8 +460,10 @@ class Runner:
             raise ValueError(f"{path}: the checkpoint's policy and this run's algorithm ({self.cfg.algo}) disagree "
                              "on the DSRL noise actor; resume with the algorithm that wrote it")
         if loaded.cfg.critic_clock != self.policy.cfg.critic_clock:
+            fix = (f"rwr.weights={'advantage' if loaded.cfg.critic_clock else 'return'}" if self.cfg.algo == "rwr"
+                   else f"dppo.critic_clock={str(loaded.cfg.critic_clock).lower()}")
             raise ValueError(f"{path}: the checkpoint's critic {'reads' if loaded.cfg.critic_clock else 'does not read'} the "
-                             f"episode clock; resume with dppo.critic_clock={str(loaded.cfg.critic_clock).lower()}")
+                             f"episode clock; resume with {fix}")
         try:
             self.policy.load_state_dict(loaded.state_dict())
         except RuntimeError as e:  # the networks of this run and the checkpoint differ in shape

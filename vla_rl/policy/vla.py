@@ -336,6 +336,13 @@ class VLAPolicy(nn.Module):
         lp = gaussian_log_prob(x_out, mean, std, reduce=not per_dim)
         return lp.view(b, n, *lp.shape[1:])
 
+    def drawn_actions(self, latents: torch.Tensor) -> torch.Tensor:
+        """A chain's draw x_0 (``latents[:, -1]`` of :meth:`sample`'s chain) in action units, before the clamp to
+        the action bounds that its executed ``actions`` went through: the target for regressing a policy onto
+        samples. The clamp folds the tails of every dim the demos saturate onto the bound, so a regression on
+        executed actions pulls those dims inward, a little more with every round."""
+        return self.normalizer.unnormalize_action(latents[:, -1])
+
     def initial_latent(self, cond: torch.Tensor, noise0: torch.Tensor, deterministic: bool) -> torch.Tensor:
         """x_K from the standard-normal draw ``noise0`` [B, H, A]: scaled by ``init_scale``, or, with a DSRL
         noise actor, its draw b tanh(mean + std noise0) (its mode when ``deterministic``; "+ 0 * noise0"
