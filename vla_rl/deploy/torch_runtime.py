@@ -79,7 +79,8 @@ class TorchPolicyRuntime(PolicyRuntime):
         device = self.policy.device
         obs = {"state": torch.from_numpy(state).to(device), "instruction": list(instructions)}
         if self.cameras:
-            obs["rgb"] = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.uint8)).to(device)
+            # a copy: images decoded from a request are read-only views of its buffer, which torch may not wrap
+            obs["rgb"] = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(device)
         noise = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32)).to(device)
         with self._torch_lock, torch.no_grad():
             return self.policy.sample(obs, noise=noise).actions.float().cpu().numpy()
