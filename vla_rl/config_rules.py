@@ -33,8 +33,7 @@ register_rules(DPPOConfig, gamma=prob, gae_lambda=prob, gamma_denoising=prob, cl
                n_critic_warmup_itr=ge(0), bc_coef=ge(0), advantage=one_of("gae", "group"))
 register_rules(RWRConfig, beta=ge(0), max_weight=pos, gamma=prob, min_episodes=pos, update_epochs=pos, num_minibatches=pos, lr=lr,
                max_grad_norm=pos, demo_coef=ge(0), weights=one_of("return", "advantage"),
-               target=one_of("action", "transition"), critic_lr=lr,
-               critic_warmup=ge(0))
+               target=one_of("action", "transition"), critic_lr=lr, critic_warmup=ge(0))
 register_rules(DSRLConfig, bound=pos, actor_hidden=sizes(), critic_hidden=sizes(), n_critics=ge(1), gamma=prob,
                tau=between(0, 1), actor_lr=lr, critic_lr=lr, alpha_lr=lr, init_alpha=pos, batch_size=pos, utd=pos,
                buffer_size=pos, learning_starts=ge(0))
