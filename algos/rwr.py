@@ -248,8 +248,10 @@ class RWR:
         critic on the returns (``targets``; None: no critic). Returns the per-step actor and critic losses."""
         n = len(targets if w is None else w)
         mb = max(1, n // self.cfg.num_minibatches)
-        params = (self.policy.actor_parameters() if w is not None else []) + \
-            (list(self.policy.critic.parameters()) if targets is not None else [])
+        # listed once: actor_parameters() walks the whole policy
+        actor_params = self.policy.actor_parameters() if w is not None else []
+        critic_params = list(self.policy.critic.parameters()) if targets is not None else []
+        params = actor_params + critic_params
         ranks = distributed.enabled()
         losses, value_losses = [], []
         for _ in range(self.cfg.update_epochs):
@@ -269,11 +271,11 @@ class RWR:
                     sum(parts).backward()  # the actor and the critic share no trained parameter
                 distributed.average_gradients(params)
                 if w is not None:
-                    nn.utils.clip_grad_norm_(self.policy.actor_parameters(), self.cfg.max_grad_norm)
+                    nn.utils.clip_grad_norm_(actor_params, self.cfg.max_grad_norm)
                     self.opt.step()
                     losses.append(actor_value)
                 if targets is not None:
-                    nn.utils.clip_grad_norm_(self.policy.critic.parameters(), self.cfg.max_grad_norm)
+                    nn.utils.clip_grad_norm_(critic_params, self.cfg.max_grad_norm)
                     self.critic_opt.step()
                     value_losses.append(critic_value)
         return losses, value_losses
