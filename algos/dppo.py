@@ -99,6 +99,16 @@ def refuse_steered(policy, algo: str) -> None:
                          "the base policy it was trained from, or keep training it with algo=dsrl")
 
 
+def refuse_noiseless(policy, algo: str) -> None:
+    """The likelihood of a transition needs a std > 0: DDIM's schedule std is 0 at the chain's last step and the
+    flow SDE's is 0 at eta 0, so without a floor or a learned std a fine-tuned transition may have none."""
+    noise = getattr(policy, "noise", None)  # None: a policy with its own likelihood (no denoising chain)
+    if noise is not None and noise.cfg.std_floor <= 0 and noise.log_std is None:
+        raise ValueError(f"{algo}: noise.std_floor=0 without a learned std leaves the fine-tuned transitions a std of "
+                         "0 where the schedule's vanishes, so their likelihood is undefined; set noise.std_floor > 0 "
+                         "(DPPO's published minimum sampling std is 0.1) or noise.learn_std=true")
+
+
 class RunningMeanStd:
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
@@ -188,6 +198,7 @@ class DPPO:
             raise ValueError(f"dppo.advantage must be 'gae' or 'group', got {cfg.advantage!r}")
         self.policy = policy
         refuse_steered(policy, "dppo")
+        refuse_noiseless(policy, "dppo")
         if cfg.freeze_early_steps:
             policy.freeze_early_steps()
         self.pretrained = None

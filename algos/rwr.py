@@ -19,15 +19,16 @@ resets) or by a divergence of the simulator have no outcome and are dropped. The
 update are not checkpointed: a resume restarts the envs, and at most ``min_episodes`` episodes' worth of
 env steps are collected again.
 
-What the weights multiply (``target``). "action": the flow / diffusion training loss on the drawn chunk; a
-new noise level and noise draw per sample, so for a chain it is not the likelihood of what was sampled, and the
-regression of a chain on its own draws drifts whatever the weights: on `place` (410k env steps, no demos) the
-chain sampled from its own distribution (``ode_sampling``) fell from 0.77 to 0.09-0.15 success with return
+What the weights multiply (``target``). "transition" (the default): minus the exact Gaussian log-likelihood of
+the stored stochastic transitions (on `place`, the chain DPPO fine-tunes: x_K = 0, noise on the last
+transition), so uniform weights leave the policy where it is in expectation and the weights move it; on `place`
+it gained on 3 of 3 seeds without demos, a little more with them (BENCHMARKS.md, stops 29-30). "action": the
+flow / diffusion training loss on the drawn chunk, for chains sampled without transition noise
+(``ode_sampling``); a new noise level and noise draw per sample, so for a chain it is not the likelihood of what
+was sampled, and the regression of a chain on its own draws drifts whatever the weights: on `place` (410k env
+steps, no demos) the chain sampled from its own distribution fell from 0.77 to 0.09-0.15 success with return
 weights, advantage weights and uniform weights (beta 0) alike, more slowly with 20 ODE steps than 5. Mix the BC
-demonstrations in (``demo_path``, ``demo_coef``) to hold it there. "transition": minus the exact Gaussian
-log-likelihood of the stored stochastic transitions (the chain DPPO fine-tunes: x_K = 0, noise on the last
-transition), so uniform weights leave the policy where it is in expectation and the weights move it; on the
-same base without demos it gained instead (BENCHMARKS.md, stop 29). Either way the target is the chain's own
+demonstrations in (``demo_path``, ``demo_coef``) to hold it there. Either way the target is the chain's own
 draw, not the executed action clamped to the action bounds: the expert saturates them, and regressed on clamped
 draws a Gaussian head lost 20 points where on its draws it held.
 """
@@ -43,7 +44,7 @@ from torch import nn
 from vla_rl import distributed
 from vla_rl.policy.vla import Chain
 
-from .dppo import refuse_steered
+from .dppo import refuse_noiseless, refuse_steered
 
 
 @dataclass
@@ -71,13 +72,13 @@ class RWRConfig:
     # critic (reading the episode clock) fit to the returns of the earlier updates' episodes: per-decision credit,
     # as advantage-weighted regression (Peng et al. 2019, "AWR").
     weights: str = "return"
-    # What a decision's weight multiplies. "action": the flow / diffusion training loss on the drawn chunk x_0
-    # (a new noise level and noise draw per sample; for a chain that is not the likelihood of what it sampled).
-    # "transition": minus the exact Gaussian log-likelihood of the stored stochastic transitions under the current
-    # weights (the one DPPO's ratio uses), with the early deterministic steps run by a frozen copy of the head;
-    # needs transitions with noise (noise.std_floor > 0, no ode_sampling). For a Gaussian head the two agree up
-    # to scale.
-    target: str = "action"
+    # What a decision's weight multiplies. "transition": minus the exact Gaussian log-likelihood of the stored
+    # stochastic transitions under the current weights (the one DPPO's ratio uses), with the early deterministic
+    # steps run by a frozen copy of the head; needs transitions with noise (noise.std_floor > 0, no ode_sampling).
+    # "action": the flow / diffusion training loss on the drawn chunk x_0 (a new noise level and noise draw per
+    # sample; for a chain that is not the likelihood of what it sampled), the target for ode_sampling. For a
+    # Gaussian head the two agree up to scale.
+    target: str = "transition"
     critic_lr: float = 1e-3
     critic_warmup: int = 3  # updates that fit only the critic before its advantages weight the actor
 
@@ -124,8 +125,10 @@ class RWR:
             raise ValueError(f"rwr.target must be 'action' or 'transition', got {self.cfg.target!r}")
         if self.cfg.target == "transition":
             if self.cfg.ode_sampling:
-                raise ValueError("rwr.target=transition regresses on the chain's noisy transitions: rwr.ode_sampling "
-                                 "samples without transition noise, so there would be nothing to weight")
+                raise ValueError("rwr.target=transition (the default) regresses on the chain's noisy transitions: "
+                                 "rwr.ode_sampling samples without transition noise, so there would be nothing to "
+                                 "weight; set rwr.target=action with it")
+            refuse_noiseless(policy, "rwr.target=transition")
             # The early deterministic steps run with the weights as they are now, so the latent entering the
             # weighted transitions stays where the stored chains had it (as DPPO's freeze_early_steps).
             policy.freeze_early_steps()

@@ -7,7 +7,8 @@ Not a test; needs matplotlib (the `baselines` extra).
 Each argument is LABEL=RUN_DIR (a runner's log_dir, or any folder above its event files); runs sharing a label
 share a colour. The curve is ``train/success_rate`` (the runner's unbiased success of the episodes each
 iteration completed), smoothed over ``--window`` points. Minutes count from the end of the run's first
-iteration (its first log of any scalar): training time less one iteration, BC and evaluation excluded. Where
+iteration (its first log of any scalar): training time less one iteration, BC and evaluation excluded; a resumed
+run's minutes leave out the time it stood stopped (and one iteration per resume). Where
 a run dir's parent holds a demo's ``summary.json``, its held-out sampled success before and after is marked at
 the run's end.
 """
@@ -20,23 +21,28 @@ from pathlib import Path
 
 
 def read_curve(run_dir: Path, tag: str = "train/success_rate") -> tuple[list[int], list[float], list[float]]:
-    """(env steps, values, wall seconds since the run's first event) of ``tag`` over every event file below
-    ``run_dir``, ordered by env step."""
+    """(env steps, values, wall seconds of training) of ``tag`` over every event file below ``run_dir``, ordered
+    by env step. Each process that logged (a run, then each resume of it) wrote its own event file; each file's
+    clock starts at its first event and continues where the earlier files' ended, so the time a run stood
+    stopped before a resume does not count."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events, t0 = [], float("inf")
-    for f in sorted(run_dir.rglob("events.out.tfevents.*")):
+    files = []
+    for f in run_dir.rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         tags = acc.Tags()["scalars"]
-        if tag in tags:
-            events += acc.Scalars(tag)
-        # the clock starts at the first iteration's log, whatever it logged (success needs finished episodes)
-        t0 = min([t0, *(acc.Scalars(t)[0].wall_time for t in tags)])
-    if not events:
+        times = [e.wall_time for t in tags for e in acc.Scalars(t)]
+        if times:  # the clock starts at the file's first log, whatever it logged (success needs finished episodes)
+            files.append((min(times), max(times), acc.Scalars(tag) if tag in tags else []))
+    points, offset = [], 0.0
+    for start, end, events in sorted(files, key=lambda f: f[0]):
+        points += [(e.step, e.value, offset + e.wall_time - start) for e in events]
+        offset += end - start
+    if not points:
         raise SystemExit(f"no '{tag}' scalars under {run_dir}")
-    events.sort(key=lambda e: e.step)
-    return [e.step for e in events], [e.value for e in events], [e.wall_time - t0 for e in events]
+    points.sort()
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -332,6 +332,23 @@ def test_rwr_transition_target_weights_the_exact_likelihood_of_the_stored_transi
     assert any(not torch.equal(a, p) for a, p in zip(head, pol.head.parameters()))
 
 
+def test_likelihood_algorithms_refuse_transitions_that_may_have_no_std():
+    """DDIM's last transition has a schedule std of 0: without std_floor (or a learned std) its likelihood is
+    undefined, so DPPO and RWR's transition target refuse the policy, naming noise.std_floor."""
+    from vla_rl.algos import RWR, RWRConfig
+
+    torch.manual_seed(0)
+    pol = VLAPolicy(toy_policy_cfg(stochastic_steps=1, std_floor=0.0))
+    obs, _ = toy_demos(4, 4)
+    with torch.no_grad():
+        assert not torch.isfinite(pol.log_prob(obs, pol.sample(obs))).all()  # what the refusal prevents
+    for make in (lambda: DPPO(pol, DPPOConfig()), lambda: RWR(pol, RWRConfig())):
+        with pytest.raises(ValueError, match="noise.std_floor=0"):
+            make()
+    RWR(pol, RWRConfig(target="action"))  # the flow / diffusion loss needs no transition std
+    RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=1, std_floor=0.0, learn_std=True)), RWRConfig())
+
+
 def test_rwr_mixes_in_demonstrations(tmp_path):
     from vla_rl.algos import RWR, RWRConfig
     from vla_rl.data import EpisodeWriter
@@ -457,10 +474,10 @@ def test_rwr_ode_sampling_collects_the_deterministic_chain_from_random_initial_n
     from vla_rl.runner import Runner, RunnerConfig, TrainConfig
 
     with pytest.raises(ValueError, match="init_scale"):
-        RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=3, init_scale=0.0)), RWRConfig(ode_sampling=True))
+        RWR(VLAPolicy(toy_policy_cfg(stochastic_steps=3, init_scale=0.0)), RWRConfig(ode_sampling=True, target="action"))
     torch.manual_seed(0)
     policy = VLAPolicy(toy_policy_cfg(stochastic_steps=3, init_scale=1.0))
-    cfg = TrainConfig(algo="rwr", rwr=RWRConfig(ode_sampling=True),
+    cfg = TrainConfig(algo="rwr", rwr=RWRConfig(ode_sampling=True, target="action"),
                       runner=RunnerConfig(iterations=1, num_envs=4, steps_per_iter=1, eval_every=0, progress=False,
                                           log_dir=str(tmp_path / "run")))
     runner = Runner(cfg, policy=policy, env=ToyGoalEnv(4, seed=0))
