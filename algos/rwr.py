@@ -42,6 +42,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from vla_rl import distributed
+from vla_rl.config import check_values
 from vla_rl.policy.vla import Chain
 
 from .dppo import refuse_noiseless, refuse_steered
@@ -119,10 +120,7 @@ class RWR:
             raise ValueError("rwr.ode_sampling with noise.init_scale=0 samples one action per observation: "
                              "set noise.init_scale > 0 (1 = the model's own distribution)")
         self.deterministic_rollouts = self.cfg.ode_sampling  # read by the runner's collect
-        if self.cfg.weights not in ("return", "advantage"):
-            raise ValueError(f"rwr.weights must be 'return' or 'advantage', got {self.cfg.weights!r}")
-        if self.cfg.target not in ("action", "transition"):
-            raise ValueError(f"rwr.target must be 'action' or 'transition', got {self.cfg.target!r}")
+        check_values(self.cfg, "rwr.")  # the config's rules (vla_rl/config_rules.py), for configs built in code
         if self.cfg.target == "transition":
             if self.cfg.ode_sampling:
                 raise ValueError("rwr.target=transition (the default) regresses on the chain's noisy transitions: "
@@ -219,10 +217,10 @@ class RWR:
             # V from the critic as the earlier updates left it, before it is fit to these returns: fit first, it
             # would explain part of this batch's luck and shrink the advantages toward zero.
             with torch.no_grad():
-                value = self.policy.value(_minibatch_obs(td, instructions, torch.arange(len(ret)))) if len(ret) \
+                value = self.policy.value(_minibatch_obs(td, instructions, torch.arange(len(ret)))).cpu() if len(ret) \
                     else torch.zeros(0)
-            signal = ret - value.cpu()
-            stats.update(self._value_stats(ret, value.cpu()))
+            signal = ret - value
+            stats.update(self._value_stats(ret, value))
         w = rwr_weights(signal, self.cfg.beta, self.cfg.max_weight, self.cfg.normalize_returns)
         losses, value_losses = self._regress(td, instructions, w if fit_actor else None,
                                              ret if self.advantage_weighted else None)
